@@ -1,0 +1,1 @@
+"""Model families. Each module loads its official on-disk layout and exposes ``reconstruct``."""

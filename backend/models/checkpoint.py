@@ -1,0 +1,65 @@
+"""Reading official weight files safely and strictly.
+
+``torch.load(weights_only=True)`` only (no pickled code runs), memory-mapped so that the weights are not
+held twice while the model takes them over. The model is built on the meta device and takes the loaded
+tensors as its parameters (``assign=True``), after every key and shape has been checked.
+"""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import WeightsError
+
+
+def load_torch_file(path: Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"weight file not found: {path}")
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, OSError, ValueError) as e:
+        raise WeightsError(
+            f"{path.name} could not be read as a PyTorch checkpoint ({_first_line(e)})",
+            hint="The file is corrupt, incomplete or not the official one: download it again.") from e
+    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+        raise WeightsError(f"{path.name} does not hold a plain state dict of tensors")
+    return data
+
+
+def check_state_dict(expected: dict, found: dict, source: str) -> None:
+    """``expected`` and ``found`` map key -> shape. Raise WeightsError naming what differs."""
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    wrong = [f"{k}: {tuple(found[k])} instead of {tuple(expected[k])}"
+             for k in expected if k in found and tuple(found[k]) != tuple(expected[k])]
+    if missing or unexpected or wrong:
+        parts = []
+        for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
+            if items:
+                more = f" (+{len(items) - 3} more)" if len(items) > 3 else ""
+                parts.append(f"{len(items)} {label}: {', '.join(items[:3])}{more}")
+        raise WeightsError(f"{source} does not match the model's layout: " + "; ".join(parts),
+                           hint="Check that the folder holds this model's official files and its config.")
+
+
+def assign_weights(model: nn.Module, state: dict, source: str) -> nn.Module:
+    """Strictly load ``state`` into a meta-device ``model`` without copying the tensors."""
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    check_state_dict(expected, {k: v.shape for k, v in state.items()}, source)
+    dtypes = {k: v.dtype for k, v in model.state_dict().items()}
+    odd = [f"{k} is {v.dtype}" for k, v in state.items() if v.dtype != dtypes[k]]
+    if odd:
+        raise WeightsError(f"{source} has tensors of an unexpected type: {', '.join(odd[:3])}")
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval().requires_grad_(False)
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:200] if text else type(e).__name__

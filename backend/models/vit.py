@@ -1,0 +1,159 @@
+"""DINO ViT image encoder, laid out so that its state-dict keys are the transformers-4.35 ``ViTModel``
+names that TripoSR's official checkpoint uses (``embeddings.*``, ``encoder.layer.N.attention.attention.query``, ...).
+
+Position embeddings are resized the way transformers 4.35 did it (the weights were trained with it):
+bicubic with ``scale_factor = (grid + 0.1) / trained_grid``. Newer transformers resize to an exact size
+instead, which shifts every embedding slightly and degrades the meshes (see specs/triposr.md §4).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class ViTConfig:
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    patch_size: int = 16
+    image_size: int = 224
+    num_channels: int = 3
+    layer_norm_eps: float = 1e-12
+    qkv_bias: bool = True  # transformers' default, absent from DINO's config.json
+    hidden_act: str = "gelu"
+
+    @classmethod
+    def from_json_dict(cls, d: dict) -> "ViTConfig":
+        known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+        cfg = cls(**known)
+        if cfg.hidden_act != "gelu":
+            raise ValueError(f"unsupported ViT activation {cfg.hidden_act!r}")
+        return cfg
+
+
+def resize_position_embeddings(pos: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
+    """(1, 1 + g*g, C) trained embeddings -> (1, 1 + grid_h*grid_w, C), CLS passed through."""
+    cls_pos, patch_pos = pos[:, :1], pos[:, 1:]
+    trained = int(math.sqrt(patch_pos.shape[1]))
+    if grid_h == trained and grid_w == trained:
+        return pos
+    dim = patch_pos.shape[-1]
+    grid = patch_pos.reshape(1, trained, trained, dim).permute(0, 3, 1, 2)
+    # The +0.1 and the use of a scale factor (not a size) reproduce transformers 4.35 exactly: PyTorch maps
+    # output pixel d to source (d + 0.5) * trained / (grid + 0.1) - 0.5.
+    grid = F.interpolate(grid, scale_factor=((grid_h + 0.1) / trained, (grid_w + 0.1) / trained),
+                         mode="bicubic", align_corners=False)
+    if grid.shape[-2:] != (grid_h, grid_w):
+        raise ValueError(f"position-embedding resize gave {tuple(grid.shape[-2:])}, expected {(grid_h, grid_w)}")
+    return torch.cat([cls_pos, grid.permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, dim)], dim=1)
+
+
+class _PatchEmbeddings(nn.Module):
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.projection = nn.Conv2d(cfg.num_channels, cfg.hidden_size, cfg.patch_size, cfg.patch_size)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.projection(pixels).flatten(2).transpose(1, 2)
+
+
+class ViTEmbeddings(nn.Module):
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.patch_size = cfg.patch_size
+        positions = (cfg.image_size // cfg.patch_size) ** 2 + 1
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.hidden_size))
+        self.position_embeddings = nn.Parameter(torch.zeros(1, positions, cfg.hidden_size))
+        self.patch_embeddings = _PatchEmbeddings(cfg)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = pixels.shape
+        tokens = self.patch_embeddings(pixels)
+        tokens = torch.cat([self.cls_token.expand(b, -1, -1), tokens], dim=1)
+        pos = resize_position_embeddings(self.position_embeddings, h // self.patch_size, w // self.patch_size)
+        return tokens + pos
+
+
+class _Dense(nn.Module):
+    """Holds a Linear as ``.dense``: only there to give the checkpoint's key names."""
+
+    def __init__(self, n_in: int, n_out: int):
+        super().__init__()
+        self.dense = nn.Linear(n_in, n_out)
+
+
+class _SelfAttention(nn.Module):
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.heads = cfg.num_attention_heads
+        self.query = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=cfg.qkv_bias)
+        self.key = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=cfg.qkv_bias)
+        self.value = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=cfg.qkv_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+
+        def split(t):
+            return t.view(b, n, self.heads, c // self.heads).transpose(1, 2)
+
+        out = F.scaled_dot_product_attention(split(self.query(x)), split(self.key(x)), split(self.value(x)))
+        return out.transpose(1, 2).reshape(b, n, c)
+
+
+class _Attention(nn.Module):
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.attention = _SelfAttention(cfg)
+        self.output = _Dense(cfg.hidden_size, cfg.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.output.dense(self.attention(x))
+
+
+class ViTLayer(nn.Module):
+    """Pre-LayerNorm block: x + attn(LN(x)), then x + MLP(LN(x))."""
+
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.attention = _Attention(cfg)
+        self.intermediate = _Dense(cfg.hidden_size, cfg.intermediate_size)
+        self.output = _Dense(cfg.intermediate_size, cfg.hidden_size)
+        self.layernorm_before = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.layernorm_after = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attention(self.layernorm_before(x))
+        return x + self.output.dense(F.gelu(self.intermediate.dense(self.layernorm_after(x))))
+
+
+class _Encoder(nn.Module):
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.layer = nn.ModuleList(ViTLayer(cfg) for _ in range(cfg.num_hidden_layers))
+
+
+class ViTModel(nn.Module):
+    """Returns the last hidden state (B, 1 + patches, C), CLS token first, after the final LayerNorm."""
+
+    def __init__(self, cfg: ViTConfig):
+        super().__init__()
+        self.embeddings = ViTEmbeddings(cfg)
+        self.encoder = _Encoder(cfg)
+        self.layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        # The pooler is in the checkpoint but its output is never used.
+        self.pooler = _Dense(cfg.hidden_size, cfg.hidden_size)
+
+    def forward(self, pixels: torch.Tensor, check=None) -> torch.Tensor:
+        x = self.embeddings(pixels)
+        for layer in self.encoder.layer:
+            x = layer(x)
+            if check:
+                check()
+        return self.layernorm(x)

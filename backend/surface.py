@@ -1,6 +1,6 @@
 """Surface extraction from a density field: marching cubes slab by slab, welding, vertex colours.
 
-The grid is evaluated and triangulated one slab of x at a time (neighbouring slabs share one slice),
+The grid is evaluated one x slice at a time and triangulated in slabs (neighbouring slabs share a slice),
 so memory stays bounded at any resolution: the full R³ density grid never exists. Marching cubes is
 PyMCubes, which gives the reference's vertex positions and its outward winding (surface where
 ``density == threshold``, inside where density is higher).
@@ -12,8 +12,8 @@ import mcubes
 import numpy as np
 import torch
 
-# Budget for one slab's hidden activations; bounds memory whatever the resolution.
-SLAB_BYTES = 64 << 20
+# Density kept for one marching-cubes slab (as float64); bounds memory whatever the resolution.
+SLAB_BYTES = 32 << 20
 
 
 def grid_coords(resolution: int, radius: float) -> torch.Tensor:
@@ -21,33 +21,33 @@ def grid_coords(resolution: int, radius: float) -> torch.Tensor:
     return torch.linspace(0, 1, resolution) * (2 * radius) - radius
 
 
-def slab_size(resolution: int, hidden: int) -> int:
-    return max(1, min(resolution, SLAB_BYTES // (resolution * resolution * hidden * 4)))
-
-
-def marching_cubes(field, resolution: int, threshold: float, hidden: int, on_fraction=None):
+def marching_cubes(field, resolution: int, threshold: float, on_fraction=None):
     """Triangulate ``field.grid_density`` at ``threshold``. Returns world vertices (N, 3) float64 and faces
-    (M, 3) int64, welded, in the field's frame. ``on_fraction(f)`` is called after each slab."""
+    (M, 3) int64, welded, in the field's frame. ``on_fraction(f)`` is called after each x slice (it may
+    raise to cancel)."""
     coords = grid_coords(resolution, field.radius)
-    slab = slab_size(resolution, hidden)
+    per_slab = max(2, SLAB_BYTES // (resolution * resolution * 8))
     verts, faces, n_verts = [], [], 0
-    carry = None  # last slice of the previous slab: cells between slabs need both sides
-    for i0, dens in field.grid_density(coords, slab):
-        level = dens.cpu().numpy().astype(np.float64) - threshold
-        if carry is not None:
-            level, start = np.concatenate([carry, level]), i0 - 1
-        else:
-            start = i0
-        carry = level[-1:]
-        if len(level) >= 2:
-            v, f = mcubes.marching_cubes(level, 0.0)
-            if len(f):
-                v[:, 0] += start
-                verts.append(v)
-                faces.append(f.astype(np.int64) + n_verts)
-                n_verts += len(v)
+    slab, start = [], 0  # slices of the current slab; ``start`` is the x index of slab[0]
+
+    def triangulate():
+        nonlocal n_verts
+        v, f = mcubes.marching_cubes(np.stack(slab), 0.0)
+        if len(f):
+            v[:, 0] += start
+            verts.append(v)
+            faces.append(f.astype(np.int64) + n_verts)
+            n_verts += len(v)
+
+    for i, density in enumerate(field.grid_density(coords)):
+        slab.append(density.cpu().numpy().astype(np.float64) - threshold)
+        if len(slab) == per_slab:
+            triangulate()
+            slab, start = slab[-1:], i  # cells between two slabs need the shared slice on both sides
         if on_fraction:
-            on_fraction(min(1.0, (i0 + len(dens)) / resolution))
+            on_fraction((i + 1) / resolution)
+    if len(slab) >= 2:
+        triangulate()
     if not faces:
         return np.zeros((0, 3)), np.zeros((0, 3), dtype=np.int64)
     v, f = weld(np.concatenate(verts), np.concatenate(faces))

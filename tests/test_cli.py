@@ -12,11 +12,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from support import TINY, assert_same_mesh
 
 from backend import mesh as meshio
 from backend.models import triposr
-
-from .test_triposr import TINY, assert_same_mesh
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGE = TINY / "input_rgba.png"

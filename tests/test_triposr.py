@@ -8,14 +8,13 @@ import numpy as np
 import pytest
 import torch
 from scipy.spatial import cKDTree
+from support import DATA, TINY, assert_same_mesh, weld_points
 
 from backend import surface
 from backend.errors import WeightsError
 from backend.models import triposr
 from backend.models.vit import resize_position_embeddings
 
-DATA = Path(__file__).parent / "data"
-TINY = DATA / "triposr_tiny"
 RADIUS = 0.87
 
 
@@ -63,25 +62,14 @@ def test_density_and_colour_at_points(field, expected):
 @pytest.mark.parametrize("resolution", [32, 64])
 def test_grid_density(field, expected, resolution):
     coords = surface.grid_coords(resolution, RADIUS)
-    grid = np.concatenate([d.numpy() for _, d in field.grid_density(coords, slab=7)])
+    grid = np.stack([d.numpy() for d in field.grid_density(coords)])
     ref = expected[f"grid_density_{resolution}"]
     assert (np.abs(grid - ref) / ref).max() <= 1e-4
 
 
-def weld_points(v, tol=1e-6):
-    return np.unique(np.round(np.asarray(v, np.float64) / tol), axis=0) * tol
-
-
-def assert_same_mesh(vertices, faces, ref_vertices, ref_faces):
-    a, b = weld_points(vertices), weld_points(ref_vertices)
-    gap = max(cKDTree(b).query(a)[0].max(), cKDTree(a).query(b)[0].max())
-    assert gap <= 1e-5, f"vertex sets differ by {gap}"
-    assert abs(len(faces) - len(ref_faces)) <= 0.005 * len(ref_faces)
-
-
 @pytest.mark.parametrize("resolution", [32, 64])
 def test_mesh_matches_reference(field, expected, resolution):
-    vertices, faces = surface.marching_cubes(field, resolution, 25.0, hidden=16)
+    vertices, faces = surface.marching_cubes(field, resolution, 25.0)
     assert_same_mesh(vertices, faces, expected[f"mesh{resolution}_vertices"], expected[f"mesh{resolution}_faces"])
     # colours at the vertices, against the reference's uint8 colours (±1)
     _, colors = field.query(torch.from_numpy(vertices.astype(np.float32)))
@@ -92,11 +80,11 @@ def test_mesh_matches_reference(field, expected, resolution):
 
 
 def test_slabs_do_not_change_the_mesh(field):
-    whole = surface.marching_cubes(field, 48, 25.0, hidden=16)
+    whole = surface.marching_cubes(field, 48, 25.0)
     surface_slab = surface.SLAB_BYTES
     try:
-        surface.SLAB_BYTES = 3 * 48 * 48 * 16 * 4  # 3 slices per slab: many seams
-        sliced = surface.marching_cubes(field, 48, 25.0, hidden=16)
+        surface.SLAB_BYTES = 3 * 48 * 48 * 8  # 3 slices per slab: many seams
+        sliced = surface.marching_cubes(field, 48, 25.0)
     finally:
         surface.SLAB_BYTES = surface_slab
     assert len(sliced[1]) == len(whole[1]) and len(sliced[0]) == len(whole[0])
@@ -104,7 +92,7 @@ def test_slabs_do_not_change_the_mesh(field):
 
 
 def test_mesh_is_welded_and_outward(field):
-    vertices, faces = surface.marching_cubes(field, 64, 25.0, hidden=16)
+    vertices, faces = surface.marching_cubes(field, 64, 25.0)
     assert len(weld_points(vertices)) == len(vertices)  # no duplicate positions
     assert (faces[:, 0] != faces[:, 1]).all() and (faces[:, 1] != faces[:, 2]).all()
     tri = vertices[faces]

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 ACTIVATIONS = {"silu": nn.SiLU, "relu": nn.ReLU}
+POINTS_PER_BLOCK = 1 << 13
 
 
 class NeRFMLP(nn.Module):
@@ -25,9 +26,10 @@ class NeRFMLP(nn.Module):
         if activation not in ACTIVATIONS:
             raise ValueError(f"unsupported decoder activation {activation!r}")
         act = ACTIVATIONS[activation]
-        layers = [nn.Linear(in_channels, n_neurons), act()]
+        # In place: inference only, and every activation input is a fresh Linear output.
+        layers = [nn.Linear(in_channels, n_neurons), act(inplace=True)]
         for _ in range(n_hidden_layers - 1):
-            layers += [nn.Linear(n_neurons, n_neurons), act()]
+            layers += [nn.Linear(n_neurons, n_neurons), act(inplace=True)]
         layers.append(nn.Linear(n_neurons, 4))
         self.layers = nn.Sequential(*layers)
 
@@ -47,7 +49,7 @@ class TriplaneField:
     inside the cube [-radius, radius]^3."""
 
     def __init__(self, planes: torch.Tensor, decoder: NeRFMLP, radius: float, density_bias: float,
-                 chunk: int = 1 << 17):
+                 chunk: int = POINTS_PER_BLOCK):
         self.planes = planes  # (3, C, H, W)
         self.decoder = decoder
         self.radius = radius
@@ -82,24 +84,25 @@ class TriplaneField:
         return out[0].permute(1, 2, 0)
 
     @torch.no_grad()
-    def grid_density(self, coords: torch.Tensor, slab: int):
-        """Density on the grid coords × coords × coords, yielded as (i0, array (i1-i0, R, R)) slabs of x."""
+    def grid_density(self, coords: torch.Tensor):
+        """Density on the grid coords × coords × coords, yielded one x slice (R, R) at a time."""
         layers = list(self.decoder.layers)
-        first, rest, last = layers[0], layers[1:-1], layers[-1]
+        first, hidden, last = layers[0], self.decoder.layers[1:-1], layers[-1]
         c = self.planes.shape[1]
         w = first.weight  # (n, 3C): split per plane
         w_xy, w_xz, w_yz = w[:, :c], w[:, c:2 * c], w[:, 2 * c:]
         q = self.normalize(coords.to(self.planes))
-        # First-layer contribution of plane yz, shared by every slab; the bias is folded in here.
+        r = len(q)
+        # First-layer contribution of plane yz, shared by every slice; the bias is folded in here.
         h_yz = self._plane_pair(self.planes[2], q, q) @ w_yz.T + first.bias  # (R_j, R_k, n)
-        n_out = len(coords)
-        for i0 in range(0, n_out, slab):
-            qi = q[i0:i0 + slab]
-            h_xy = self._plane_pair(self.planes[0], qi, q) @ w_xy.T  # (S, R_j, n)
-            h_xz = self._plane_pair(self.planes[1], qi, q) @ w_xz.T  # (S, R_k, n)
-            h = h_xy[:, :, None, :] + h_xz[:, None, :, :] + h_yz[None]
-            h = h.reshape(-1, h.shape[-1])
-            for layer in rest:
-                h = layer(h)
-            raw = h @ last.weight[0] + last.bias[0]  # density row only
-            yield i0, self.density_activation(raw).reshape(len(qi), n_out, n_out)
+        # The MLP runs on blocks small enough to stay in cache: far faster than one big matmul per slice.
+        rows = max(1, POINTS_PER_BLOCK // r)
+        for i in range(r):
+            h_xy = self._plane_pair(self.planes[0], q[i:i + 1], q)[0] @ w_xy.T  # (R_j, n)
+            h_xz = self._plane_pair(self.planes[1], q[i:i + 1], q)[0] @ w_xz.T  # (R_k, n)
+            raw = torch.empty(r, r, device=q.device)
+            for j0 in range(0, r, rows):
+                h = (h_xy[j0:j0 + rows, None] + h_xz[None] + h_yz[j0:j0 + rows]).reshape(-1, h_yz.shape[-1])
+                h = hidden(h)
+                raw[j0:j0 + rows] = (h @ last.weight[0] + last.bias[0]).reshape(-1, r)  # density row only
+            yield self.density_activation(raw)

@@ -192,8 +192,7 @@ class TripoSR(nn.Module):
         field = self.field(self.triplanes(tokens, stages.check)[0])
 
         stages.begin(STAGE_SURFACE, f"marching cubes at {options.resolution}³")
-        vertices, faces = surface.marching_cubes(field, int(options.resolution), threshold,
-                                                 hidden=self.cfg.decoder["n_neurons"], on_fraction=stages.update)
+        vertices, faces = surface.marching_cubes(field, int(options.resolution), threshold, on_fraction=stages.update)
         if len(faces) == 0:
             raise InputError(f"no surface found at threshold {threshold:g}: the model sees no object here",
                              hint="Lower the threshold, or use an image with one clear object.")

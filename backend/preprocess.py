@@ -1,0 +1,284 @@
+"""Image preprocessing: file -> 8-bit image -> (background removal) -> cropped, gray-composited RGB -> model input.
+
+The crop and composite reproduce TripoSR's ``run.py`` default path bit for bit (spec ``triposr.md`` §3).
+numpy and PIL only at import time; rembg and torch are imported by the functions that need them.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from .errors import BackendError, InputError, WeightsError
+
+# Declared pixel count above which a file is refused before decoding (about 16k x 16k).
+MAX_PIXELS = 16384 * 16384
+GRAY = 127  # background value of the reference composite ((0.5 * 255) truncated)
+
+_IMAGE_HINT = "Use a PNG or JPEG image."
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+def load_image(path: Path, max_side: int = 4096) -> Image.Image:
+    """Read an image file as an 8-bit ``RGB`` or ``RGBA`` PIL image, longest side <= ``max_side``.
+
+    EXIF orientation is applied; 16-bit and float images are rescaled (not clipped) to 8 bits; palette
+    transparency becomes alpha; animated files give their first frame. Every failure is an :class:`InputError`.
+    """
+    path = Path(path)
+    name = str(path)
+    if not path.exists():
+        raise InputError(f"Image file not found: {name}", "Check the path.")
+    if path.is_dir():
+        raise InputError(f"{name} is a directory, not an image file", _IMAGE_HINT)
+    try:
+        if path.stat().st_size == 0:
+            raise InputError(f"Image file {name} is empty (0 bytes)", _IMAGE_HINT)
+    except OSError as e:
+        raise InputError(f"Cannot read image file {name}: {e.strerror or e}") from None
+
+    try:
+        with warnings.catch_warnings():
+            # PIL only warns between MAX_IMAGE_PIXELS and twice that; make both an error at our limit.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            old_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, MAX_PIXELS
+            try:
+                with Image.open(path) as src:
+                    im = _decode(src, max_side, name)
+                    # Detach from the file (closed on leaving the block) if nothing made a new image.
+                    return src.copy() if im is src else im
+            finally:
+                Image.MAX_IMAGE_PIXELS = old_limit
+    except InputError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise InputError(f"Image {name} is too large (over {MAX_PIXELS:,} pixels)",
+                         "Downscale it first; 1-2 megapixels are plenty.") from None
+    except Image.UnidentifiedImageError:
+        raise InputError(f"{name} is not an image file that can be read (unknown or unsupported format)",
+                         _IMAGE_HINT) from None
+    except PermissionError as e:
+        raise InputError(f"Cannot read image file {name}: {e.strerror or e}") from None
+    except MemoryError:
+        raise InputError(f"Not enough memory to decode image {name}", "Downscale it first.") from None
+    except Exception as e:  # truncated/corrupt data surfaces as OSError, SyntaxError, ValueError, zlib.error...
+        raise InputError(f"Image {name} could not be decoded ({_first_line(e)}); the file may be truncated or corrupt",
+                         "Re-export or re-download the image.") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _decode(im: Image.Image, max_side: int, name: str) -> Image.Image:
+    w, h = im.size
+    if w <= 0 or h <= 0:
+        raise InputError(f"Image {name} has zero size ({w}x{h})", _IMAGE_HINT)
+    if im.format == "JPEG" and max(w, h) > max_side:
+        # Let libjpeg decode at 1/2, 1/4 or 1/8 scale instead of the full image.
+        s = max_side / max(w, h)
+        im.draft(im.mode, (max(1, int(w * s)), max(1, int(h * s))))
+    im.load()  # first frame of animated files; raises on truncated data
+    try:
+        im = ImageOps.exif_transpose(im)
+    except Exception:  # a broken EXIF block is not worth refusing the image for
+        pass
+    if im.mode in ("L", "LA", "RGB", "RGBA") and "transparency" not in im.info:
+        im = _shrink(im, max_side)  # before converting: cheaper on a huge image
+    try:
+        im = _to_8bit(im)
+    except ValueError:  # PIL has no conversion for a few exotic modes (e.g. LAB)
+        raise InputError(f"Image {name} has an unsupported colour mode ({im.mode})", _IMAGE_HINT) from None
+    return _shrink(im, max_side)
+
+
+def _shrink(im: Image.Image, max_side: int) -> Image.Image:
+    if max(im.size) <= max_side:
+        return im
+    s = max_side / max(im.size)
+    size = (max(1, round(im.width * s)), max(1, round(im.height * s)))
+    return im.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)  # PIL premultiplies alpha for this
+
+
+def _to_8bit(im: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB, or RGBA where the file has transparency."""
+    mode = im.mode
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        a = np.asarray(im, dtype=np.float64)
+        if mode == "F":
+            # Float images are usually [0, 1]; anything larger is taken as [0, 255].
+            a = a * 255.0 if np.nanmax(a) <= 1.0 else a
+        elif mode == "I" and np.max(a) > 65535:
+            a = a * (255.0 / np.max(a))  # a genuinely 32-bit image: use its own range
+        else:
+            a = a / 257.0  # 16-bit range: 65535 -> 255, 257*k -> k
+        g = np.clip(np.rint(np.nan_to_num(a)), 0, 255).astype(np.uint8)
+        return Image.fromarray(np.repeat(g[..., None], 3, axis=2), "RGB")
+    if mode in ("RGB", "RGBA") and "transparency" not in im.info:
+        return im
+    has_alpha = "A" in im.getbands() or "a" in im.getbands() or "transparency" in im.info
+    return im.convert("RGBA" if has_alpha else "RGB")
+
+
+def has_real_alpha(image: Image.Image) -> bool:
+    """The reference rule: an ``RGBA`` image whose alpha is somewhere below 255."""
+    return image.mode == "RGBA" and image.getchannel("A").getextrema()[0] < 255
+
+
+# ----------------------------------------------------------------------------------- background removal
+
+_SESSIONS: dict = {}  # model path -> ((mtime, size), rembg session), so a warm worker keeps the model loaded
+U2NET_ENV = "IMAGE_TO_3D_U2NET"
+
+
+def u2net_model_path(u2net_path: Optional[str] = None) -> Path:
+    """Where the background-removal model is looked for: argument, $IMAGE_TO_3D_U2NET, $U2NET_HOME, ~/.u2net."""
+    if u2net_path:
+        return Path(u2net_path).expanduser()
+    if os.environ.get(U2NET_ENV):
+        return Path(os.environ[U2NET_ENV]).expanduser()
+    if os.environ.get("U2NET_HOME"):
+        return Path(os.environ["U2NET_HOME"]).expanduser() / "u2net.onnx"
+    return Path.home() / ".u2net" / "u2net.onnx"
+
+
+def _missing_model_hint(path: Path) -> str:
+    return (f"Download u2net.onnx (about 176 MB) from rembg's GitHub releases "
+            f"(https://github.com/danielgatis/rembg/releases/download/v0.0.0/u2net.onnx) and put it at {path} "
+            f"or set {U2NET_ENV} to its path; or use an image with a transparent background; "
+            f"or use --no-remove-background.")
+
+
+def _session(path: Path):
+    try:
+        st = path.stat()
+    except OSError:
+        st = None
+    if st is None or not path.is_file():
+        raise WeightsError(f"The background-removal model u2net.onnx is missing at {path}", _missing_model_hint(path))
+    key, stamp = str(path.resolve()), (st.st_mtime_ns, st.st_size)
+    if key in _SESSIONS and _SESSIONS[key][0] == stamp:  # reload only if the file was replaced
+        return _SESSIONS[key][1]
+    try:
+        import onnxruntime as ort
+        from rembg.sessions.u2net import U2netSession
+    except ImportError as e:
+        raise BackendError(f"Background removal needs rembg and onnxruntime, which are not installed ({e})",
+                           "Install the backend requirements, or use an image with a transparent background, "
+                           "or use --no-remove-background.") from None
+
+    class _FileU2net(U2netSession):
+        # rembg's own session would fetch the model with pooch; ours only ever opens the given file.
+        @classmethod
+        def download_models(cls, *args, **kwargs):
+            return kwargs["model_path"]
+
+    try:
+        sess = _FileU2net("u2net", ort.SessionOptions(), model_path=str(path))
+    except Exception as e:
+        raise WeightsError(f"The background-removal model {path} could not be loaded ({_first_line(e)})",
+                           _missing_model_hint(path).replace("Download", "Re-download", 1)) from None
+    _SESSIONS[key] = (stamp, sess)
+    return sess
+
+
+def remove_background(image: Image.Image, u2net_path: Optional[str] = None) -> Image.Image:
+    """Cut the object out with rembg's u2net, loaded only from a local file (never downloaded). Returns RGBA."""
+    path = u2net_model_path(u2net_path)
+    session = _session(path)
+    import rembg
+
+    try:
+        with np.errstate(all="ignore"):  # a uniform image gives 0/0 in u2net's min-max normalisation
+            # A fresh RGB copy carries no EXIF, so rembg cannot re-orient it behind our back.
+            out = rembg.remove(Image.fromarray(np.asarray(image.convert("RGB"))), session=session)
+    except Exception as e:
+        raise WeightsError(f"The background-removal model {path} failed to run ({_first_line(e)})",
+                           "Check that it is rembg's u2net.onnx, or use --no-remove-background.") from None
+    return out.convert("RGBA")
+
+
+_remove_background = remove_background  # prepare() has a parameter of the same name
+
+
+# --------------------------------------------------------------------------------------- crop/composite
+
+def resize_foreground(rgba: np.ndarray, ratio: float) -> np.ndarray:
+    """Crop to the alpha>0 box and pad (zeros) so the object fills ``ratio`` of a square, as the reference does.
+
+    The crop is ``[y1:y2, x1:x2]`` with the last row/column of the box excluded, as in the reference.
+    """
+    if not 0.0 < ratio <= 1.0:
+        raise InputError(f"foreground ratio must be in (0, 1], got {ratio}")
+    mask = rgba[..., 3] > 0
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if rows.size == 0 or rows[-1] == rows[0] or cols[-1] == cols[0]:
+        raise InputError("The image has nothing to reconstruct: no visible object after background removal",
+                         "The background removal found no object, or the alpha channel is empty; "
+                         "use an image with a clear object or --no-remove-background.")
+    fg = rgba[rows[0]:rows[-1], cols[0]:cols[-1]]
+    h, w = fg.shape[:2]
+    size = max(h, w)
+    ph, pw = (size - h) // 2, (size - w) // 2
+    fg = np.pad(fg, ((ph, size - h - ph), (pw, size - w - pw), (0, 0)))
+    new_size = int(size / ratio)
+    p = (new_size - size) // 2
+    return np.pad(fg, ((p, new_size - size - p), (p, new_size - size - p), (0, 0)))
+
+
+def composite_on_gray(rgba: np.ndarray) -> np.ndarray:
+    """Blend over 50 % gray in float32 and truncate to uint8, exactly as the reference (background = 127)."""
+    a = rgba.astype(np.float32) / 255.0
+    rgb = a[..., :3] * a[..., 3:4] + (1 - a[..., 3:4]) * 0.5
+    return (rgb * 255.0).astype(np.uint8)
+
+
+def pad_to_square(rgb: np.ndarray, value: int = GRAY) -> np.ndarray:
+    """Centre an RGB image on a square of ``value`` without cropping or scaling."""
+    h, w = rgb.shape[:2]
+    size = max(h, w)
+    ph, pw = (size - h) // 2, (size - w) // 2
+    return np.pad(rgb, ((ph, size - h - ph), (pw, size - w - pw), (0, 0)), constant_values=value)
+
+
+def prepare(image: Image.Image, *, remove_background: bool = True, foreground_ratio: float = 0.85,
+            u2net_path: Optional[str] = None) -> np.ndarray:
+    """Turn a loaded image into the model's conditioning image: uint8 (H, W, 3), gray background, square.
+
+    * Real alpha (RGBA, some alpha < 255): used as the mask as is; rembg is not run (the reference rule), and
+      this holds whether or not ``remove_background`` is set (there is nothing to remove).
+    * No real alpha and ``remove_background``: rembg u2net makes the mask.
+    * Either way the object is then cropped and padded to ``foreground_ratio`` and composited on gray 127.
+    * No real alpha and not ``remove_background``: the user supplies a prepared image; it is converted to RGB
+      and padded to a square with gray 127, centred, with no crop. This deliberately differs from the
+      reference's ``--no-remove-bg``, which drops alpha and lets the model input resize stretch the image.
+    """
+    if has_real_alpha(image):
+        rgba = image
+    elif remove_background:
+        rgba = _remove_background(image, u2net_path)
+    else:
+        return pad_to_square(np.asarray(image.convert("RGB")))
+    return composite_on_gray(resize_foreground(np.asarray(rgba.convert("RGBA")), foreground_ratio))
+
+
+# --------------------------------------------------------------------------------------------- model input
+
+def to_model_input(rgb_uint8: np.ndarray, size: int):
+    """uint8 (H, W, 3) -> float32 tensor (1, size, size, 3) in [0, 1], resized as TripoSR's ImagePreprocessor."""
+    import torch
+    import torch.nn.functional as F
+
+    rgb = np.asarray(rgb_uint8)
+    if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise ValueError(f"expected a uint8 (H, W, 3) array, got {rgb.dtype} {rgb.shape}")
+    x = torch.from_numpy(rgb.astype(np.float32) / 255.0)[None].permute(0, 3, 1, 2)
+    x = F.interpolate(x, (size, size), mode="bilinear", align_corners=False, antialias=True)
+    return x.permute(0, 2, 3, 1).contiguous()

@@ -25,8 +25,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("-o", "--output", required=True, help=f"output mesh, by extension: {' '.join(FORMATS)}")
     g.add_argument("--model", default="triposr", help="model id (default: triposr)")
     g.add_argument("--weights", metavar="DIR", help="model folder in the official layout")
-    g.add_argument("--resolution", type=int, default=256, help="marching-cubes grid, 32..1024 (default 256)")
-    g.add_argument("--threshold", type=float, help="density threshold of the surface (TripoSR default 25.0)")
+    g.add_argument("--resolution", type=int, help="marching-cubes grid, 32..1024 (default: the model's, 256 for TripoSR)")
+    g.add_argument("--threshold", type=float, help="density threshold of the surface (default: the model's, 25.0 for TripoSR)")
     g.add_argument("--foreground-ratio", type=float, default=0.85, help="object size in the frame (default 0.85)")
     g.add_argument("--no-remove-background", dest="remove_background", action="store_false",
                    help="do not run background removal (an opaque image is used as given)")

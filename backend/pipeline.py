@@ -8,7 +8,7 @@ is polled between chunks of work and a cancelled job raises :class:`~.errors.Can
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -31,7 +31,7 @@ MIN_RESOLUTION, MAX_RESOLUTION = 32, 1024
 class Options:
     model: str = "triposr"
     weights: Optional[str] = None  # model folder in the official layout; None = resolve by model id
-    resolution: int = 256
+    resolution: Optional[int] = None  # None = the model's default
     threshold: Optional[float] = None  # None = the model's default
     foreground_ratio: float = 0.85
     remove_background: bool = True
@@ -39,7 +39,7 @@ class Options:
     u2net_path: Optional[str] = None  # background-removal model file; None = default location
 
     def validate(self) -> None:
-        if not MIN_RESOLUTION <= int(self.resolution) <= MAX_RESOLUTION:
+        if self.resolution is not None and not MIN_RESOLUTION <= int(self.resolution) <= MAX_RESOLUTION:
             raise InputError(f"resolution must be between {MIN_RESOLUTION} and {MAX_RESOLUTION}, got {self.resolution}")
         if not 0.1 <= float(self.foreground_ratio) <= 1.0:
             raise InputError(f"foreground ratio must be between 0.1 and 1.0, got {self.foreground_ratio}")
@@ -106,6 +106,8 @@ def _run(image_path: Path, options: Options, stages: _Stages, model_cache):
     from .models import registry
 
     spec = registry.get(options.model)
+    options = replace(options, resolution=options.resolution or spec.default_resolution,
+                      threshold=spec.default_threshold if options.threshold is None else options.threshold)
     device = devices.resolve(options.device)
 
     stages.begin(STAGE_BACKGROUND, "reading image")

@@ -57,7 +57,7 @@ def small_mesh():
     from backend.pipeline import Options, _Stages
 
     conditioning = np.asarray(Image.open(TINY / "conditioning.png").convert("RGB"))
-    return model.reconstruct(conditioning, Options(resolution=32), _Stages(None, None))
+    return model.reconstruct(conditioning, Options(resolution=32, threshold=25.0), _Stages(None, None))
 
 
 def test_ply_obj_glb_round_trip(small_mesh, tmp_path):

@@ -18,6 +18,7 @@ class ModelSpec:
     files: tuple  # file names the model folder must hold
     licence: str
     default_resolution: int
+    default_threshold: float
     loader: Callable  # (folder, device) -> model with .reconstruct()
 
 
@@ -30,7 +31,7 @@ def _load_triposr(folder, device):
 MODELS = {
     spec.id: spec
     for spec in (
-        ModelSpec("triposr", "TripoSR", "stabilityai/TripoSR", ("config.yaml", "model.ckpt"), "MIT", 256,
+        ModelSpec("triposr", "TripoSR", "stabilityai/TripoSR", ("config.yaml", "model.ckpt"), "MIT", 256, 25.0,
                   _load_triposr),
     )
 }

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 ACTIVATIONS = {"silu": nn.SiLU, "relu": nn.ReLU}
-POINTS_PER_BLOCK = 1 << 13
+POINTS_PER_BLOCK = 1 << 14
 
 
 class NeRFMLP(nn.Module):

@@ -26,7 +26,6 @@ from .triplane import NeRFMLP, TriplaneField
 from .vit import ViTConfig, ViTModel
 
 CONFIG_FILE, WEIGHTS_FILE = "config.yaml", "model.ckpt"
-DEFAULT_THRESHOLD = 25.0
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # Our copy of facebook/dino-vitb16/config.json (byte-identical), so that no download is ever needed.
@@ -184,7 +183,7 @@ class TripoSR(nn.Module):
         from .. import preprocess
         from ..pipeline import STAGE_COLOR, STAGE_ENCODE, STAGE_SURFACE, STAGE_TRIPLANE
 
-        threshold = DEFAULT_THRESHOLD if options.threshold is None else float(options.threshold)
+        threshold = float(options.threshold)
         stages.begin(STAGE_ENCODE, "encoding the image")
         rgb = preprocess.to_model_input(conditioning, self.cfg.cond_image_size)
         tokens = self.encode(rgb, stages.check)

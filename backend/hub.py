@@ -1,0 +1,243 @@
+"""Downloading model files: pinned revisions, resume, size + sha256 verification, offline mode.
+
+Standard library only: Blender's own Python runs it too (the preferences' Download buttons), before
+any backend environment exists. Files arrive as ``<name>.partial`` beside their destination and are
+renamed into place only once their size and sha256 are right; a file that fails is deleted.
+Offline (Blender's *Allow Online Access* off, ``--offline``, ``HF_HUB_OFFLINE=1``), no connection is
+attempted at all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+from .errors import BackendError, Cancelled, WeightsError
+
+DEFAULT_ENDPOINT = "https://huggingface.co"
+CHUNK = 1 << 20
+RETRIES = 3
+SPACE_MARGIN = 64 << 20  # keep some room: a disk filled to the last byte breaks other programs
+
+
+@dataclass(frozen=True)
+class RemoteFile:
+    """One file of a model: where it comes from and what it must be."""
+
+    repo: str
+    revision: str
+    path: str
+    size: Optional[int] = None
+    sha256: Optional[str] = None
+    url: Optional[str] = None  # for files outside the Hugging Face hub
+    md5: Optional[str] = None  # where the publisher gives only an md5 (rembg's u2net)
+
+    @property
+    def name(self) -> str:
+        return Path(self.path).name
+
+
+class OfflineError(WeightsError):
+    code = "offline"
+
+
+class DownloadError(BackendError):
+    code = "download"
+
+
+def online_allowed(online: Optional[bool] = None) -> bool:
+    if online is not None:
+        return online
+    return os.environ.get("HF_HUB_OFFLINE", "0") in ("", "0") and os.environ.get("IMAGE_TO_3D_OFFLINE", "0") in ("", "0")
+
+
+def file_url(f: RemoteFile) -> str:
+    if f.url:
+        return f.url
+    endpoint = os.environ.get("HF_ENDPOINT", DEFAULT_ENDPOINT).rstrip("/")
+    return f"{endpoint}/{f.repo}/resolve/{f.revision}/{f.path}"
+
+
+def human_size(n: Optional[int]) -> str:
+    if n is None:
+        return "size unknown"
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+
+
+class Checksums:
+    """sha256 of files whose checksum no public source gives: recorded on first download, then enforced.
+    Stored as JSON in the model store (``checksums.json``)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        try:
+            self.known = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            self.known = {}
+
+    @staticmethod
+    def key(f: RemoteFile) -> str:
+        return f.url or f"{f.repo}@{f.revision}/{f.path}"
+
+    def expected(self, f: RemoteFile) -> Optional[str]:
+        return f.sha256 or self.known.get(self.key(f))
+
+    def record(self, f: RemoteFile, sha256: str) -> None:
+        if f.sha256 or self.key(f) in self.known:
+            return
+        self.known[self.key(f)] = sha256
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.known, indent=1, sort_keys=True))
+        os.replace(tmp, self.path)
+
+
+ProgressFn = Callable[[int, Optional[int], float], None]  # bytes done, total, bytes per second
+
+
+def download(f: RemoteFile, dest: Path, *, checksums: Optional[Checksums] = None, token: Optional[str] = None,
+             online: Optional[bool] = None, progress: Optional[ProgressFn] = None,
+             cancelled: Optional[Callable[[], bool]] = None, timeout: float = 30.0) -> Path:
+    """Fetch ``f`` to ``dest`` unless a verified copy is there. Resumes a ``.partial`` left by an earlier try."""
+    dest = Path(dest)
+    checksums = checksums or Checksums(dest.parent / "checksums.json")
+    if dest.is_file() and (f.size is None or dest.stat().st_size == f.size):
+        return dest
+    if not online_allowed(online):
+        raise OfflineError(
+            f"{f.name} ({human_size(f.size)}) is not on this machine and online access is off",
+            hint=f"Put {f.path} from {f.repo} (revision {f.revision}) into {dest.parent}, "
+                 f"or allow online access (Blender: Preferences > System > Network).")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    partial = dest.with_name(dest.name + ".partial")
+    done = partial.stat().st_size if partial.exists() else 0
+    if f.size is not None:
+        if done > f.size:  # not a prefix of this file: start again
+            partial.unlink()
+            done = 0
+        _check_space(dest.parent, f.size - done)
+
+    for attempt in range(RETRIES + 1):
+        try:
+            _fetch(f, partial, token, progress, cancelled, timeout)
+            break
+        except _Interrupted as e:
+            if attempt == RETRIES:
+                raise DownloadError(f"download of {f.name} kept breaking off ({e}); {human_size(partial.stat().st_size)} "
+                                    f"kept for the next try", hint="Try again later: it resumes where it stopped.") from None
+            time.sleep(min(2 ** attempt, 5) * 0.1)
+
+    checksums.record(f, _verify(f, partial, checksums.expected(f)))
+    os.replace(partial, dest)
+    return dest
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def _check_space(folder: Path, needed: int) -> None:
+    free = shutil.disk_usage(folder).free
+    if free < needed + SPACE_MARGIN:
+        raise DownloadError(f"not enough free space in {folder}: {human_size(needed)} needed, {human_size(free)} free",
+                            hint="Free some space or choose another model folder in the preferences.")
+
+
+def _fetch(f: RemoteFile, partial: Path, token, progress, cancelled, timeout) -> None:
+    done = partial.stat().st_size if partial.exists() else 0
+    if f.size is not None and done == f.size:
+        return
+    request = urllib.request.Request(file_url(f), headers={"User-Agent": "image-to-3d"})
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    if done:
+        request.add_header("Range", f"bytes={done}-")
+    try:
+        response = urllib.request.urlopen(request, timeout=timeout)
+    except urllib.error.HTTPError as e:
+        if e.code == 416 and f.size is not None and done == f.size:
+            return
+        if e.code in (401, 403):
+            raise DownloadError(f"access to {f.repo} was refused (HTTP {e.code})",
+                                hint="The repository may be gated: accept its terms on the Hugging Face page "
+                                     "and give an access token in the preferences (or HF_TOKEN).") from None
+        if e.code == 404:
+            raise DownloadError(f"{f.path} was not found in {f.repo} at revision {f.revision} (HTTP 404)") from None
+        if e.code >= 500:
+            raise _Interrupted(f"HTTP {e.code}") from None
+        raise DownloadError(f"download of {f.name} failed: HTTP {e.code} {e.reason}") from None
+    except (urllib.error.URLError, OSError) as e:
+        raise DownloadError(f"cannot reach the download server for {f.name} ({getattr(e, 'reason', e)})",
+                            hint="Check the network connection (or a proxy), then try again: it resumes.") from None
+    with response:
+        if done and response.status != 206:  # the server ignored the range: start again
+            done = 0
+        total = _total_size(response, done) or f.size
+        if f.size is None and total is not None:
+            _check_space(partial.parent, total - done)
+        started, last_report = time.monotonic(), 0.0
+        received = 0
+        with open(partial, "ab" if done else "wb") as out:
+            while True:
+                if cancelled and cancelled():
+                    raise Cancelled(f"download of {f.name} cancelled; the part already fetched is kept to resume")
+                try:
+                    chunk = response.read(CHUNK)
+                except (OSError, ValueError) as e:
+                    raise _Interrupted(str(e) or type(e).__name__) from None
+                if not chunk:
+                    break
+                out.write(chunk)
+                received += len(chunk)
+                now = time.monotonic()
+                if progress and (now - last_report > 0.2):
+                    progress(done + received, total, received / max(now - started, 1e-6))
+                    last_report = now
+        if progress:
+            progress(done + received, total, received / max(time.monotonic() - started, 1e-6))
+    if total is not None and partial.stat().st_size < total:
+        raise _Interrupted(f"connection closed at {partial.stat().st_size} of {total} bytes")
+
+
+def _total_size(response, done: int) -> Optional[int]:
+    content_range = response.headers.get("Content-Range")
+    if content_range and "/" in content_range and response.status == 206:
+        tail = content_range.rsplit("/", 1)[1]
+        return int(tail) if tail.isdigit() else None
+    length = response.headers.get("Content-Length")
+    return (int(length) + (done if response.status == 206 else 0)) if length and length.isdigit() else None
+
+
+def _verify(f: RemoteFile, partial: Path, expected_sha: Optional[str]) -> str:
+    """Size, then sha256; a file that fails is deleted. Returns its sha256."""
+    size = partial.stat().st_size
+    if f.size is not None and size != f.size:
+        partial.unlink()
+        raise WeightsError(f"{f.name} has {size} bytes instead of {f.size}: removed",
+                           hint="The download was corrupted or the server sent another file; try again.")
+    sha, md5 = _digests(partial)
+    if (expected_sha and sha != expected_sha) or (f.md5 and md5 != f.md5):
+        partial.unlink()
+        raise WeightsError(f"{f.name} failed its checksum: removed, never loaded",
+                           hint="The file was corrupted or tampered with; download it again.")
+    return sha
+
+
+def _digests(path: Path) -> tuple[str, str]:
+    sha, md5 = hashlib.sha256(), hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(CHUNK), b""):
+            sha.update(block)
+            md5.update(block)
+    return sha.hexdigest(), md5.hexdigest()

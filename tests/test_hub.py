@@ -1,0 +1,171 @@
+"""Model downloads against a stand-in hub on 127.0.0.1 (HF_ENDPOINT): progress, resume, verification,
+offline mode and the free-space check. Never the real hub."""
+
+import hashlib
+import shutil
+import socket
+import sys
+from collections import namedtuple
+
+import pytest
+from hubserver import StandInHub
+from support import TINY
+
+from backend import hub
+from backend.errors import Cancelled, WeightsError
+
+CKPT = (TINY / "model.ckpt").read_bytes()
+REV = "0123456789abcdef0123456789abcdef01234567"
+PATH = f"/tiny/TripoSR/resolve/{REV}/model.ckpt"
+
+
+def record(**kw):
+    fields = dict(repo="tiny/TripoSR", revision=REV, path="model.ckpt", size=len(CKPT),
+                  sha256=hashlib.sha256(CKPT).hexdigest())
+    fields.update(kw)
+    return hub.RemoteFile(**fields)
+
+
+@pytest.fixture
+def server(monkeypatch):
+    with StandInHub({PATH: CKPT}) as s:
+        monkeypatch.setenv("HF_ENDPOINT", s.url)
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.delenv("IMAGE_TO_3D_OFFLINE", raising=False)
+        yield s
+
+
+def test_download_reports_progress_and_verifies(server, tmp_path):
+    events = []
+    dest = hub.download(record(), tmp_path / "m" / "model.ckpt", progress=lambda *e: events.append(e))
+    assert dest.read_bytes() == CKPT
+    assert events[-1][0] == len(CKPT) and events[-1][1] == len(CKPT) and events[-1][2] > 0
+    assert all(a[0] <= b[0] for a, b in zip(events, events[1:]))  # bytes only grow
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["model.ckpt"]
+    # present and verified: no second request
+    hub.download(record(), dest)
+    assert len(server.requests) == 1
+
+
+def test_interrupted_download_resumes_with_a_range_request(server, tmp_path):
+    server.break_after[PATH] = 500_000
+    dest = hub.download(record(), tmp_path / "model.ckpt")
+    assert dest.read_bytes() == CKPT
+    assert server.requests[0] == (PATH, None)
+    assert server.requests[1] == (PATH, "bytes=500000-")
+
+
+def test_cancelled_download_keeps_the_part_and_resumes_later(server, tmp_path):
+    dest = tmp_path / "model.ckpt"
+    calls = []
+
+    def cancel_after_first_chunk():
+        calls.append(1)
+        return len(calls) > 1
+
+    with pytest.raises(Cancelled):
+        hub.download(record(), dest, cancelled=cancel_after_first_chunk)
+    partial = tmp_path / "model.ckpt.partial"
+    assert not dest.exists() and partial.stat().st_size == hub.CHUNK
+    hub.download(record(), dest)
+    assert dest.read_bytes() == CKPT and not partial.exists()
+    assert server.requests[-1] == (PATH, f"bytes={hub.CHUNK}-")
+
+
+def test_tampered_file_is_rejected_and_removed(server, tmp_path):
+    tampered = bytearray(CKPT)
+    tampered[1000] ^= 0xFF
+    server.files[PATH] = bytes(tampered)
+    with pytest.raises(WeightsError, match="failed its checksum: removed, never loaded"):
+        hub.download(record(), tmp_path / "model.ckpt")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_wrong_size_is_rejected_and_removed(server, tmp_path):
+    server.files[PATH] = CKPT + b"extra"
+    with pytest.raises(WeightsError, match=f"instead of {len(CKPT)}: removed"):
+        hub.download(record(), tmp_path / "model.ckpt")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unknown_checksum_is_recorded_then_enforced(server, tmp_path):
+    unknown = record(size=None, sha256=None)
+    checksums = hub.Checksums(tmp_path / "checksums.json")
+    hub.download(unknown, tmp_path / "a" / "model.ckpt", checksums=checksums)
+    assert hub.Checksums(tmp_path / "checksums.json").expected(unknown) == hashlib.sha256(CKPT).hexdigest()
+    server.files[PATH] = CKPT[:-1] + bytes([CKPT[-1] ^ 0xFF])
+    with pytest.raises(WeightsError, match="checksum"):
+        hub.download(unknown, tmp_path / "b" / "model.ckpt", checksums=hub.Checksums(tmp_path / "checksums.json"))
+    assert not (tmp_path / "b" / "model.ckpt").exists()
+
+
+def test_md5_is_checked_where_the_publisher_gives_one(server, tmp_path):
+    with pytest.raises(WeightsError, match="checksum"):
+        hub.download(record(sha256=None, md5="0" * 32), tmp_path / "model.ckpt")
+    good = hub.download(record(sha256=None, md5=hashlib.md5(CKPT).hexdigest()), tmp_path / "model.ckpt")
+    assert good.read_bytes() == CKPT
+
+
+Connect = namedtuple("Connect", "event args")
+
+
+def test_offline_opens_no_socket(server, tmp_path, monkeypatch):
+    seen = []
+
+    def audit(event, args):
+        if event in ("socket.connect", "socket.getaddrinfo") and watching:
+            seen.append(Connect(event, args))
+
+    watching = False
+    sys.addaudithook(audit)  # cannot be removed: it only records while `watching`
+    watching = True
+    try:
+        with pytest.raises(hub.OfflineError) as e:
+            hub.download(record(), tmp_path / "model.ckpt", online=False)
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        with pytest.raises(hub.OfflineError):
+            hub.download(record(), tmp_path / "model.ckpt")
+    finally:
+        watching = False
+    assert seen == [] and server.requests == []
+    # the message names the file, its size and the folder to put it in
+    assert "model.ckpt" in e.value.message and hub.human_size(len(CKPT)) in e.value.message
+    assert str(tmp_path) in e.value.hint
+    # the audit hook does see connections when they happen
+    watching = True
+    try:
+        socket.create_connection(("127.0.0.1", int(server.url.rsplit(":", 1)[1]))).close()
+    finally:
+        watching = False
+    assert seen
+
+
+def test_full_disk_is_reported_before_any_byte(server, tmp_path, monkeypatch):
+    Usage = namedtuple("Usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: Usage(10**9, 10**9 - 1000, 1000))
+    with pytest.raises(hub.DownloadError, match="not enough free space"):
+        hub.download(record(), tmp_path / "model.ckpt")
+    assert server.requests == [] and list(tmp_path.iterdir()) == []
+
+
+def test_http_errors_are_explained(server, tmp_path):
+    server.status[PATH] = 401
+    with pytest.raises(hub.DownloadError, match="refused") as e:
+        hub.download(record(), tmp_path / "model.ckpt")
+    assert "token" in e.value.hint
+    with pytest.raises(hub.DownloadError, match="not found"):
+        hub.download(record(path="nope.ckpt"), tmp_path / "nope.ckpt")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_token_is_sent_as_bearer(server, tmp_path, monkeypatch):
+    seen = {}
+    original = hub.urllib.request.urlopen
+
+    def spy(request, timeout):
+        seen.update(request.header_items())
+        return original(request, timeout=timeout)
+
+    monkeypatch.setattr(hub.urllib.request, "urlopen", spy)
+    hub.download(record(), tmp_path / "model.ckpt", token="hf_secret")
+    assert seen["Authorization"] == "Bearer hf_secret"

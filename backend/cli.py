@@ -1,4 +1,5 @@
-"""Command line: ``python -m backend generate IMAGE -o OUT.{glb,ply,obj,npz}`` and ``serve`` (the worker).
+"""Command line: ``python -m backend generate IMAGE -o OUT.{glb,ply,obj,npz}``; ``check`` (the environment as
+JSON), ``install`` (a managed environment), ``serve`` (the worker Blender talks to).
 
 Exit status: 0 success, 2 bad input, 3 missing or invalid weights, 1 anything else.
 A failed run leaves no output file behind (outputs are written under a temporary name, then renamed).
@@ -14,7 +15,8 @@ import traceback
 from pathlib import Path
 
 from .errors import BackendError, InputError
-from .mesh import FORMATS
+
+# Only generate needs numpy/torch; check and install must run in a bare Python.
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -22,7 +24,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="reconstruct a coloured mesh from one image")
     g.add_argument("input", help="image file (PNG/JPEG/WebP/TIFF...; RGBA with transparency skips background removal)")
-    g.add_argument("-o", "--output", required=True, help=f"output mesh, by extension: {' '.join(FORMATS)}")
+    g.add_argument("-o", "--output", required=True, help="output mesh, by extension: .glb .ply .obj .npz")
     g.add_argument("--model", default="triposr", help="model id (default: triposr)")
     g.add_argument("--weights", metavar="DIR", help="model folder in the official layout")
     g.add_argument("--resolution", type=int, help="marching-cubes grid, 32..1024 (default: the model's, 256 for TripoSR)")
@@ -36,6 +38,21 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
     sub.add_parser("serve", help="run the worker that Blender talks to (JSON lines on stdin/stdout)",
                    add_help=False)
+    sub.add_parser("check", help="print what this Python has (torch, devices, packages) as JSON")
+    d = sub.add_parser("download", help="download a model's files into the model store, verified")
+    d.add_argument("--model", required=True, help="model id, or u2net (background removal)")
+    d.add_argument("--store", help="model store (default: $IMAGE_TO_3D_MODELS or the per-user data folder)")
+    d.add_argument("--offline", action="store_true", help="never connect (fails, naming the files, if any is missing)")
+    d.add_argument("--token", help="access token for gated repositories (default: $HF_TOKEN)")
+    d.add_argument("--json", action="store_true", help="progress and the result as JSON lines")
+    i = sub.add_parser("install", help="create a managed backend environment with this Python")
+    i.add_argument("--target", required=True, help="folder of the new virtual environment")
+    i.add_argument("--flavor", default="auto", choices=["auto", "cuda", "rocm", "mps", "cpu"],
+                   help="PyTorch build (default: detected)")
+    i.add_argument("--torch-spec", default=None, help="pip requirement for torch (default 'torch>=2.3')")
+    i.add_argument("--torch-index-url", help="package index for PyTorch ('pip': pip's own configuration)")
+    i.add_argument("--index-url", help="package index for the other requirements (default: pip's)")
+    i.add_argument("--json", action="store_true", help="progress and the result as JSON lines")
     return p
 
 
@@ -46,7 +63,68 @@ def main(argv=None) -> int:
 
         return worker.main(argv[1:])
     args = _parser().parse_args(argv)
-    return _generate(args)
+    return {"generate": _generate, "check": _check, "install": _install, "download": _download}[args.command](args)
+
+
+def _download(args) -> int:
+    from .hub import human_size
+    from .models import registry
+
+    def progress(done, total, rate):
+        if args.json:
+            print(json.dumps({"event": "progress", "bytes": done, "total": total, "rate": round(rate)}), flush=True)
+        else:
+            of = f" of {human_size(total)}" if total else ""
+            print(f"\r{human_size(done)}{of} at {human_size(int(rate))}/s   ", end="", file=sys.stderr, flush=True)
+
+    try:
+        folder = registry.fetch(args.model, args.store, token=args.token, online=False if args.offline else None,
+                                progress=progress)
+    except BackendError as e:
+        if args.json:
+            print(json.dumps({"event": "error", **e.to_dict()}), flush=True)
+        return _fail(None, e.exit_status, e.to_dict())
+    except KeyboardInterrupt:
+        return _fail(None, 130, {"message": "interrupted; run the same command again to resume"})
+    if args.json:
+        print(json.dumps({"event": "result", "folder": str(folder)}), flush=True)
+    else:
+        print(f"\n{args.model}: files verified in {folder}", file=sys.stderr)
+    return 0
+
+
+def _check(args) -> int:
+    from . import check
+
+    report = check.report()
+    print(json.dumps(report, indent=1))
+    return 0 if report["ok"] else 1
+
+
+def _install(args) -> int:
+    from . import install
+
+    def progress(message: str, fraction: float) -> None:
+        if args.json:
+            print(json.dumps({"event": "progress", "message": message, "fraction": fraction}), flush=True)
+        else:
+            print(f"[{fraction:4.0%}] {message}", file=sys.stderr, flush=True)
+
+    try:
+        report = install.install(Path(args.target), flavor=args.flavor,
+                                 torch_spec=args.torch_spec or install.DEFAULT_TORCH_SPEC,
+                                 torch_index_url=args.torch_index_url, index_url=args.index_url, progress=progress)
+    except BackendError as e:
+        if args.json:
+            print(json.dumps({"event": "error", **e.to_dict()}), flush=True)
+        return _fail(None, e.exit_status, e.to_dict())
+    python = install.venv_python(Path(args.target).expanduser().resolve())
+    if args.json:
+        print(json.dumps({"event": "result", "python": str(python), "check": report}), flush=True)
+    else:
+        print(f"backend environment ready: {python} (torch {report['torch']['version']}, device {report['device']})",
+              file=sys.stderr)
+    return 0
 
 
 def _progress_printer(quiet: bool):
@@ -66,17 +144,19 @@ def _progress_printer(quiet: bool):
 def _generate(args) -> int:
     from .pipeline import Options
 
+    from . import mesh as meshio
+
     output = Path(args.output)
     started = time.perf_counter()
     try:
-        if output.suffix.lower() not in FORMATS:
-            raise InputError(f"unsupported output format {output.suffix or '(none)'!r}; use one of {', '.join(FORMATS)}")
+        if output.suffix.lower() not in meshio.FORMATS:
+            raise InputError(f"unsupported output format {output.suffix or '(none)'!r}; "
+                             f"use one of {', '.join(meshio.FORMATS)}")
         if not output.parent.resolve().is_dir():
             raise InputError(f"output folder does not exist: {output.parent}")
         options = Options(model=args.model, weights=args.weights, resolution=args.resolution,
                           threshold=args.threshold, foreground_ratio=args.foreground_ratio,
                           remove_background=args.remove_background, device=args.device, u2net_path=args.u2net)
-        from . import mesh as meshio
         from .pipeline import generate
 
         mesh = generate(args.input, options, progress=_progress_printer(args.quiet or args.json))

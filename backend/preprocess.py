@@ -139,18 +139,24 @@ U2NET_ENV = "IMAGE_TO_3D_U2NET"
 
 
 def u2net_model_path(u2net_path: Optional[str] = None) -> Path:
-    """Where the background-removal model is looked for: argument, $IMAGE_TO_3D_U2NET, $U2NET_HOME, ~/.u2net."""
+    """Where the background-removal model is: the argument, $IMAGE_TO_3D_U2NET or $U2NET_HOME when set;
+    otherwise the model store (where `download --model u2net` puts it) or rembg's ~/.u2net, whichever has it
+    (the store when neither does)."""
     if u2net_path:
         return Path(u2net_path).expanduser()
     if os.environ.get(U2NET_ENV):
         return Path(os.environ[U2NET_ENV]).expanduser()
     if os.environ.get("U2NET_HOME"):
         return Path(os.environ["U2NET_HOME"]).expanduser() / "u2net.onnx"
-    return Path.home() / ".u2net" / "u2net.onnx"
+    from .models.registry import default_store
+
+    store, rembg_home = default_store() / "u2net" / "u2net.onnx", Path.home() / ".u2net" / "u2net.onnx"
+    return rembg_home if rembg_home.is_file() and not store.is_file() else store
 
 
 def _missing_model_hint(path: Path) -> str:
-    return (f"Download u2net.onnx (about 176 MB) from rembg's GitHub releases "
+    return (f"Run `python -m backend download --model u2net` (or the Download button in the add-on's preferences), "
+            f"or download u2net.onnx (about 176 MB) from rembg's GitHub releases "
             f"(https://github.com/danielgatis/rembg/releases/download/v0.0.0/u2net.onnx) and put it at {path} "
             f"or set {U2NET_ENV} to its path; or use an image with a transparent background; "
             f"or use --no-remove-background.")

@@ -169,3 +169,56 @@ def test_token_is_sent_as_bearer(server, tmp_path, monkeypatch):
     monkeypatch.setattr(hub.urllib.request, "urlopen", spy)
     hub.download(record(), tmp_path / "model.ckpt", token="hf_secret")
     assert seen["Authorization"] == "Bearer hf_secret"
+
+
+def run_download(*args, env):
+    import os
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    return subprocess.run([sys.executable, "-m", "backend", "download", *map(str, args)], capture_output=True,
+                          text=True, cwd=root, env={**os.environ, "PYTHONPATH": str(root), **env}, timeout=120)
+
+
+def test_cli_download_rejects_files_that_are_not_the_official_ones(tmp_path):
+    """The stand-in hub serves the tiny model where the official TripoSR should be: sizes/checksums differ,
+    so nothing is kept."""
+    from backend.models import registry
+
+    spec = registry.get("triposr")
+    served = {f"/{f.repo}/resolve/{f.revision}/{f.path}": (TINY / f.path).read_bytes() for f in spec.files}
+    with StandInHub(served) as s:
+        r = run_download("--model", "triposr", "--store", tmp_path, "--json", env={"HF_ENDPOINT": s.url})
+    assert r.returncode == 3, r.stderr
+    assert "config.yaml has 924 bytes instead of 987: removed" in r.stderr
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []
+    assert s.requests[0][0] == f"/stabilityai/TripoSR/resolve/{registry.TRIPOSR_REVISION}/config.yaml"
+
+
+def test_cli_download_offline_names_files_sizes_and_folder(tmp_path):
+    with StandInHub({}) as s:
+        r = run_download("--model", "triposr", "--store", tmp_path, "--offline", env={"HF_ENDPOINT": s.url})
+    assert r.returncode == 3 and s.requests == []
+    assert "config.yaml (987 B) is not on this machine and online access is off" in r.stderr
+    assert str(tmp_path / "triposr") in r.stderr
+
+
+def test_fetch_downloads_a_whole_model_with_overall_progress(tmp_path, monkeypatch):
+    """Every file of a model, one byte count across files."""
+    from backend.models import registry
+
+    files = tuple(record(path=name, size=(TINY / name).stat().st_size,
+                         sha256=hashlib.sha256((TINY / name).read_bytes()).hexdigest())
+                  for name in ("config.yaml", "model.ckpt"))
+    spec = registry.ModelSpec("tiny", "Tiny", "tiny/TripoSR", files, "MIT", 32, 25.0, None)
+    monkeypatch.setitem(registry.MODELS, "tiny", spec)
+    served = {f"/tiny/TripoSR/resolve/{REV}/{f.path}": (TINY / f.path).read_bytes() for f in files}
+    events = []
+    with StandInHub(served) as s:
+        monkeypatch.setenv("HF_ENDPOINT", s.url)
+        folder = registry.fetch("tiny", tmp_path, progress=lambda *e: events.append(e))
+    total = sum(f.size for f in files)
+    assert folder == tmp_path / "tiny" and events[-1][:2] == (total, total)
+    monkeypatch.setenv("IMAGE_TO_3D_MODELS", str(tmp_path))
+    assert registry.find_folder(spec) == folder  # the store is where models are looked for

@@ -18,7 +18,7 @@ TINY = Path(__file__).parent / "data" / "triposr_tiny"
 @pytest.fixture(autouse=True)
 def _isolated_env(monkeypatch, tmp_path):
     # The user's real u2net locations must never leak into a test.
-    for var in ("IMAGE_TO_3D_U2NET", "U2NET_HOME", "REMBG_HOME", "XDG_DATA_HOME"):
+    for var in ("IMAGE_TO_3D_U2NET", "U2NET_HOME", "REMBG_HOME", "XDG_DATA_HOME", "IMAGE_TO_3D_MODELS"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
 
@@ -347,7 +347,15 @@ def test_prepare_crops_to_the_removed_background(tmp_path, monkeypatch, no_netwo
 
 
 def test_u2net_model_path_order(tmp_path, monkeypatch):
-    assert pp.u2net_model_path() == tmp_path / "home" / ".u2net" / "u2net.onnx"
+    store = tmp_path / "home" / ".local" / "share" / "image_to_3d" / "models" / "u2net" / "u2net.onnx"
+    rembg_home = tmp_path / "home" / ".u2net" / "u2net.onnx"
+    assert pp.u2net_model_path() == store  # neither exists: where `download --model u2net` puts it
+    rembg_home.parent.mkdir(parents=True)
+    rembg_home.write_bytes(b"x")
+    assert pp.u2net_model_path() == rembg_home  # rembg's own copy is used
+    store.parent.mkdir(parents=True)
+    store.write_bytes(b"x")
+    assert pp.u2net_model_path() == store  # ours wins once downloaded
     monkeypatch.setenv("U2NET_HOME", str(tmp_path / "uh"))
     assert pp.u2net_model_path() == tmp_path / "uh" / "u2net.onnx"
     monkeypatch.setenv("IMAGE_TO_3D_U2NET", str(tmp_path / "env.onnx"))
@@ -357,11 +365,12 @@ def test_u2net_model_path_order(tmp_path, monkeypatch):
 
 def test_missing_model_is_a_weights_error(tmp_path, no_network):
     with pytest.raises(WeightsError) as e:
-        pp.prepare(_square_photo(), remove_background=True)  # default location: $HOME/.u2net/u2net.onnx
-    expected_path = str(tmp_path / "home" / ".u2net" / "u2net.onnx")
+        pp.prepare(_square_photo(), remove_background=True)  # default location: the model store
+    expected_path = str(tmp_path / "home" / ".local" / "share" / "image_to_3d" / "models" / "u2net" / "u2net.onnx")
     assert "u2net.onnx" in e.value.message and "missing" in e.value.message and expected_path in e.value.message
     hint = e.value.hint
     assert "176 MB" in hint and "rembg" in hint and "IMAGE_TO_3D_U2NET" in hint
+    assert "python -m backend download --model u2net" in hint
     assert "transparent" in hint and "--no-remove-background" in hint
     with pytest.raises(WeightsError, match="missing"):
         pp.remove_background(_square_photo(), u2net_path=str(tmp_path))  # a directory is not a model

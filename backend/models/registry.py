@@ -1,25 +1,43 @@
-"""What each model is, where its files are looked for, and loading it (with a warm cache)."""
+"""What each model is, which files it needs (pinned revision, size, sha256), where they are looked for,
+and loading it (with a warm cache).
+
+A model folder is looked for in this order: a folder the user names (``--weights``; used as given, the
+user vouches for it), the model store (``IMAGE_TO_3D_MODELS``, which Blender points at the extension's
+user folder; files there were verified when downloaded), then the Hugging Face cache.
+Standard library only: Blender imports this module for its model list and downloads.
+"""
 
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
 from ..errors import InputError, WeightsError
+from ..hub import RemoteFile, human_size
 
 
 @dataclass(frozen=True)
 class ModelSpec:
     id: str
     display_name: str
-    hf_repo: str
-    files: tuple  # file names the model folder must hold
-    licence: str
+    repo: str
+    files: tuple  # RemoteFile records, pinned
+    licence: str  # SPDX id of the weights' licence
     default_resolution: int
     default_threshold: float
     loader: Callable  # (folder, device) -> model with .reconstruct()
+
+    @property
+    def file_names(self) -> tuple:
+        return tuple(f.path for f in self.files)
+
+    @property
+    def download_size(self) -> Optional[int]:
+        sizes = [f.size for f in self.files]
+        return None if None in sizes else sum(sizes)
 
 
 def _load_triposr(folder, device):
@@ -28,13 +46,26 @@ def _load_triposr(folder, device):
     return triposr.load(folder, device)
 
 
+TRIPOSR_REVISION = "5b521936b01fbe1890f6f9baed0254ab6351c04a"
+
 MODELS = {
     spec.id: spec
     for spec in (
-        ModelSpec("triposr", "TripoSR", "stabilityai/TripoSR", ("config.yaml", "model.ckpt"), "MIT", 256, 25.0,
-                  _load_triposr),
+        ModelSpec(
+            "triposr", "TripoSR", "stabilityai/TripoSR",
+            (RemoteFile("stabilityai/TripoSR", TRIPOSR_REVISION, "config.yaml", 987,
+                        "74ca708ce086bf68e97709ea6b3d91f14717921c04691e84043f0eb8fcc68e62"),
+             RemoteFile("stabilityai/TripoSR", TRIPOSR_REVISION, "model.ckpt", 1_677_246_742,
+                        "429e2c6b22a0923967459de24d67f05962b235f79cde6b032aa7ed2ffcd970ee")),
+            "MIT", 256, 25.0, _load_triposr),
     )
 }
+
+# Background removal (rembg's u2net). Published on GitHub with an md5 only; its sha256 is recorded on
+# first download and enforced from then on.
+U2NET = RemoteFile("danielgatis/rembg", "v0.0.0", "u2net.onnx", None, None,
+                   url="https://github.com/danielgatis/rembg/releases/download/v0.0.0/u2net.onnx",
+                   md5="60024c5c889badc19c04ad937298a77b")
 
 
 def get(model_id: str) -> ModelSpec:
@@ -44,39 +75,63 @@ def get(model_id: str) -> ModelSpec:
         raise InputError(f"unknown model {model_id!r}; available: {', '.join(MODELS)}") from None
 
 
-def candidate_folders(spec: ModelSpec) -> list[Path]:
-    """Where a model's folder is looked for when none is named: $IMAGE_TO_3D_MODELS/<id>, then the
-    Hugging Face cache's snapshots of its repo."""
-    folders = []
+def default_store() -> Path:
+    """The model store: ``IMAGE_TO_3D_MODELS``, else the platform's per-user data folder."""
     if os.environ.get("IMAGE_TO_3D_MODELS"):
-        folders.append(Path(os.environ["IMAGE_TO_3D_MODELS"]) / spec.id)
-    hf_home = Path(os.environ.get("HF_HUB_CACHE") or Path(os.environ.get("HF_HOME", Path.home() / ".cache" /
-                                                                           "huggingface")) / "hub")
-    snapshots = hf_home / f"models--{spec.hf_repo.replace('/', '--')}" / "snapshots"
-    if snapshots.is_dir():
-        folders += sorted(snapshots.iterdir(), key=lambda p: p.stat().st_mtime, reverse=True)
-    return folders
+        return Path(os.environ["IMAGE_TO_3D_MODELS"]).expanduser()
+    if sys.platform == "win32":
+        base = Path(os.environ.get("LOCALAPPDATA", Path.home() / "AppData" / "Local"))
+    elif sys.platform == "darwin":
+        base = Path.home() / "Library" / "Application Support"
+    else:
+        base = Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share"))
+    return base / "image_to_3d" / "models"
 
 
-def find_folder(spec: ModelSpec, weights: Optional[str]) -> Path:
+def store_folder(spec: ModelSpec, store: Optional[Path] = None) -> Path:
+    return Path(store or default_store()) / spec.id
+
+
+def hf_cache_folders(spec: ModelSpec) -> list[Path]:
+    """Snapshots of the model's repo in the Hugging Face cache, the pinned revision first."""
+    hub_dir = Path(os.environ.get("HF_HUB_CACHE") or
+                   Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "hub")
+    snapshots = hub_dir / f"models--{spec.repo.replace('/', '--')}" / "snapshots"
+    if not snapshots.is_dir():
+        return []
+    pinned = spec.files[0].revision
+    return sorted(snapshots.iterdir(), key=lambda p: (p.name != pinned, -p.stat().st_mtime))
+
+
+def _complete(spec: ModelSpec, folder: Path) -> bool:
+    """Every file present with its published size (a partial or foreign file does not count)."""
+    for f in spec.files:
+        path = folder / f.path
+        if not path.is_file() or (f.size is not None and path.stat().st_size != f.size):
+            return False
+    return True
+
+
+def find_folder(spec: ModelSpec, weights: Optional[str] = None) -> Path:
     if weights:
         folder = Path(weights).expanduser()
         if not folder.is_dir():
             raise WeightsError(f"model folder not found: {folder}")
-        missing = [f for f in spec.files if not (folder / f).is_file()]
+        missing = [f for f in spec.file_names if not (folder / f).is_file()]
         if missing:
             raise WeightsError(f"{folder} lacks {', '.join(missing)} for {spec.display_name}",
-                               hint=f"It must hold the files of {spec.hf_repo}: {', '.join(spec.files)}.")
+                               hint=f"It must hold the files of {spec.repo}: {', '.join(spec.file_names)}.")
         return folder
-    searched = candidate_folders(spec)
+    searched = [store_folder(spec)] + hf_cache_folders(spec)
     for folder in searched:
-        if all((folder / f).is_file() for f in spec.files):
+        if _complete(spec, folder):
             return folder
-    where = ", ".join(str(f) for f in searched) or "nowhere (no model folder configured)"
+    files = ", ".join(f"{f.path} ({human_size(f.size)})" for f in spec.files)
     raise WeightsError(
-        f"{spec.display_name} weights not found (looked in: {where})",
-        hint=f"Download {', '.join(spec.files)} from https://huggingface.co/{spec.hf_repo} into a folder and "
-             f"pass it with --weights DIR (or set IMAGE_TO_3D_MODELS to a folder holding '{spec.id}/').")
+        f"{spec.display_name} weights not found (looked in: {', '.join(map(str, searched))})",
+        hint=f"Download them with `python -m backend download --model {spec.id}` (or the Download button in "
+             f"the add-on's preferences), or put {files} from https://huggingface.co/{spec.repo} "
+             f"into {store_folder(spec)}, or pass a folder with --weights DIR.")
 
 
 def load(spec: ModelSpec, weights: Optional[str], device, cache: Optional[dict] = None):
@@ -90,3 +145,26 @@ def load(spec: ModelSpec, weights: Optional[str], device, cache: Optional[dict] 
     if cache is not None:
         cache[key] = model
     return model
+
+
+def fetch(model_id: str, store: Optional[Path] = None, *, token: Optional[str] = None,
+          online: Optional[bool] = None, progress=None, cancelled=None) -> Path:
+    """Download a model's files (or ``u2net``) into the store, verified. Returns the folder.
+    ``progress(done, total, rate)`` counts bytes over all of the model's files."""
+    from ..hub import Checksums, download
+
+    store = Path(store or default_store())
+    files = (U2NET,) if model_id == "u2net" else get(model_id).files
+    folder = store / ("u2net" if model_id == "u2net" else model_id)
+    checksums = Checksums(store / "checksums.json")
+    total = None if None in [f.size for f in files] else sum(f.size for f in files)
+    before = 0
+    for f in files:
+        def report(done, _total, rate, before=before):
+            if progress:
+                progress(before + done, total, rate)
+
+        path = download(f, folder / f.path, checksums=checksums, token=token or os.environ.get("HF_TOKEN"),
+                        online=online, progress=report, cancelled=cancelled)
+        before += path.stat().st_size
+    return folder

@@ -1,0 +1,245 @@
+"""``python -m backend serve``: the long-lived worker behind Blender's Generate 3D.
+
+The wire (DESIGN.md §2): one JSON object per line. Requests arrive on stdin, events leave on a private
+copy of fd 1; fd 1 itself is pointed at stderr first, so a stray ``print`` or a C library cannot corrupt
+the channel.
+
+Requests::
+
+    {"op": "generate", "id": "job-1", "image": "/abs/in.png", "output_dir": "/abs/job-dir", "options": {...}}
+    {"op": "cancel", "id": "job-1"}        # honoured between chunks of work
+    {"op": "shutdown"}                     # also: stdin closed (the client went away)
+
+Events: ``ready``, ``progress`` (stage, fraction, message), ``result`` (path of the .npz, stats),
+``error`` (code, message, hint), ``log``. Every job event carries the job ``id``.
+
+One job runs at a time on the main thread; a reader thread takes requests so that ``cancel`` can be seen
+while a job runs. Loaded models stay in ``model_cache`` between jobs (a warm worker skips loading).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import queue
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+
+from . import __version__
+from .errors import BackendError, Cancelled, InputError
+
+RESULT_NAME = "mesh.npz"
+PROGRESS_INTERVAL_S = 0.1  # at most ~10 progress events a second per stage, plus every stage change
+
+
+class EventWriter:
+    """Writes one JSON line per event to the protocol stream; safe to call from any thread."""
+
+    def __init__(self, stream):
+        self._stream = stream
+        self._lock = threading.Lock()
+
+    def emit(self, event: str, **fields) -> None:
+        line = json.dumps({"event": event, **fields}, default=str)
+        with self._lock:
+            try:
+                self._stream.write(line + "\n")
+                self._stream.flush()
+            except (BrokenPipeError, ValueError):
+                pass  # the client is gone; the reader sees EOF and ends the worker
+
+
+def claim_protocol_stream():
+    """Keep a private copy of fd 1 for events and send everything else written to fd 1 to stderr."""
+    sys.stdout.flush()
+    protocol_fd = os.dup(1)
+    os.dup2(2, 1)
+    return os.fdopen(protocol_fd, "w", encoding="utf-8", buffering=1)
+
+
+class JobControl:
+    """What the reader thread and the job loop share: the job in flight and its cancel flag."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.current_id = None
+        self.cancel = threading.Event()
+        self.requests: queue.Queue = queue.Queue()
+
+    def try_begin(self, job_id) -> bool:
+        with self.lock:
+            if self.current_id is not None:
+                return False
+            self.current_id = job_id
+            self.cancel.clear()
+            return True
+
+    def finish(self) -> None:
+        with self.lock:
+            self.current_id = None
+
+    def request_cancel(self, job_id=None) -> None:
+        with self.lock:
+            if self.current_id is not None and job_id in (None, self.current_id):
+                self.cancel.set()
+
+
+def read_requests(stream, control: JobControl, events: EventWriter) -> None:
+    """Reader thread: route each request; on EOF cancel the job in flight and end the loop."""
+    for line in stream:
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            request = json.loads(line)
+            op = request["op"]
+        except (ValueError, KeyError, TypeError):
+            events.emit("error", id=None, code="bad_request", message=f"not a request: {line[:200]}", hint="")
+            continue
+        if op == "generate":
+            job_id = request.get("id")
+            if control.try_begin(job_id):
+                control.requests.put(request)
+            else:
+                events.emit("error", id=job_id, code="busy", message="another generation is running",
+                            hint="Wait for it to finish or cancel it")
+        elif op == "cancel":
+            control.request_cancel(request.get("id"))
+        elif op == "shutdown":
+            break
+        elif op == "ping":
+            events.emit("log", level="info", message="pong")
+        else:
+            events.emit("error", id=request.get("id"), code="bad_request", message=f"unknown op {op!r}", hint="")
+    control.request_cancel()
+    control.requests.put(None)
+
+
+def describe_runtime() -> dict:
+    """Versions, devices and memory for the ``ready`` event (never fails: a worker without torch still
+    starts and reports the problem on the first job)."""
+    info = {"pid": os.getpid(), "python": sys.version.split()[0], "backend": __version__}
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        info["cuda"] = bool(torch.cuda.is_available())
+        if info["cuda"]:
+            info["cuda_device"] = torch.cuda.get_device_name(0)
+            info["cuda_memory_bytes"] = int(torch.cuda.get_device_properties(0).total_memory)
+        mps = getattr(torch.backends, "mps", None)
+        info["mps"] = bool(mps and mps.is_available())
+    except Exception as exc:  # noqa: BLE001 - reported, not fatal
+        info["torch"] = None
+        info["torch_error"] = f"{type(exc).__name__}: {exc}"
+    try:
+        import psutil
+
+        info["memory_bytes"] = int(psutil.virtual_memory().total)
+    except Exception:  # noqa: BLE001 - optional
+        pass
+    return info
+
+
+class ProgressThrottle:
+    """Forwards pipeline progress as events: every stage change, then at most every PROGRESS_INTERVAL_S."""
+
+    def __init__(self, events: EventWriter, job_id):
+        self._events, self._job_id = events, job_id
+        self._stage, self._last = None, 0.0
+
+    def __call__(self, stage: str, fraction: float, message: str = "") -> None:
+        now = time.monotonic()
+        if stage == self._stage and fraction < 1.0 and now - self._last < PROGRESS_INTERVAL_S:
+            return
+        self._stage, self._last = stage, now
+        self._events.emit("progress", id=self._job_id, stage=stage, fraction=round(float(fraction), 4),
+                          message=message)
+
+
+def make_options(raw: dict):
+    from .pipeline import Options
+
+    try:
+        return Options(**(raw or {}))
+    except TypeError as exc:
+        raise InputError(f"bad options: {exc}") from None
+
+
+def error_fields(exc: BaseException) -> dict:
+    if isinstance(exc, BackendError):
+        return exc.to_dict()
+    text = f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, ModuleNotFoundError):
+        return {"code": "missing_package", "message": f"The backend Python lacks the package {exc.name!r}",
+                "hint": "Install torch and backend/requirements.txt into it (make venv does), or choose another "
+                        "Backend Python in the add-on preferences"}
+    if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower():
+        return {"code": "out_of_memory", "message": text,
+                "hint": "Try a lower resolution, or the CPU device; Free Memory releases what the backend holds"}
+    return {"code": "internal", "message": text, "hint": "The backend log (stderr) has the full traceback"}
+
+
+def run_job(request: dict, control: JobControl, events: EventWriter, model_cache: dict) -> None:
+    from . import mesh as mesh_io
+    from .pipeline import generate
+
+    job_id = request.get("id")
+    started = time.perf_counter()
+    try:
+        image = request.get("image")
+        if not image:
+            raise InputError("no image given")
+        output_dir = Path(request.get("output_dir") or "")
+        if not output_dir.is_dir():
+            raise InputError(f"output folder does not exist: {output_dir}")
+        options = make_options(request.get("options"))
+        models_before = set(model_cache)
+        mesh = generate(image, options, progress=ProgressThrottle(events, job_id),
+                        cancelled=control.cancel.is_set, model_cache=model_cache)
+        if control.cancel.is_set():
+            raise Cancelled()
+        path = mesh_io.save(mesh, output_dir / RESULT_NAME)
+        stats = dict(mesh.stats)
+        stats.update(
+            vertices=int(len(mesh.vertices)),
+            faces=int(len(mesh.faces)),
+            # "hit": the model came from this worker's cache (no loading); "miss": it was loaded now.
+            model_cache="miss" if set(model_cache) - models_before or not model_cache else "hit",
+            total_seconds=round(time.perf_counter() - started, 3),
+        )
+        events.emit("result", id=job_id, path=str(path), stats=stats)
+    except Exception as exc:  # noqa: BLE001 - every failure becomes an error event; the worker lives on
+        if not isinstance(exc, BackendError):
+            traceback.print_exc(file=sys.stderr)
+        events.emit("error", id=job_id, **error_fields(exc))
+    finally:
+        control.finish()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m backend serve",
+                                     description="Run the worker: JSON-line requests on stdin, events on stdout.")
+    parser.parse_args(argv or [])
+
+    events = EventWriter(claim_protocol_stream())
+    control = JobControl()
+    reader = threading.Thread(target=read_requests, args=(sys.stdin, control, events), name="requests", daemon=True)
+    events.emit("ready", **describe_runtime())
+    reader.start()
+
+    model_cache: dict = {}
+    while True:
+        request = control.requests.get()
+        if request is None:
+            break
+        run_job(request, control, events, model_cache)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,1 @@
+"""bpy-free helpers of the Blender side (numpy + stdlib only), tested with plain pytest."""

@@ -1,0 +1,15 @@
+"""Operators, one per file; each module registers its own classes."""
+
+from . import cancel, free_memory, generate, image
+
+MODULES = (image, generate, cancel, free_memory)
+
+
+def register():
+    for module in MODULES:
+        module.register()
+
+
+def unregister():
+    for module in reversed(MODULES):
+        module.unregister()

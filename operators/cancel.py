@@ -1,0 +1,32 @@
+"""Cancel the job in flight: cooperative first, the worker is killed if it does not stop in time."""
+
+import bpy
+
+from .. import session
+
+
+class IMAGE_TO_3D_OT_cancel(bpy.types.Operator):
+    """Stop the running generation"""
+
+    bl_idname = "image_to_3d.cancel"
+    bl_label = "Cancel"
+    bl_options = {"REGISTER", "INTERNAL"}
+
+    @classmethod
+    def poll(cls, context):
+        if not session.is_busy():
+            cls.poll_message_set("No generation is running")
+            return False
+        return True
+
+    def execute(self, context):
+        session.current().cancel()
+        return {"FINISHED"}
+
+
+def register():
+    bpy.utils.register_class(IMAGE_TO_3D_OT_cancel)
+
+
+def unregister():
+    bpy.utils.unregister_class(IMAGE_TO_3D_OT_cancel)

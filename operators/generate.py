@@ -1,0 +1,266 @@
+"""Generate 3D: send the image to the worker, follow the job from a timer, import the result.
+
+``execute()`` starts the job and registers ``TIMERS[job_id]`` (a ``bpy.app.timers`` callback). Each tick
+polls the client (never blocks), copies the progress into the panel, and on completion imports the mesh
+on the main thread and pushes one undo step. In background mode (scripts, tests, ``make demo``) timers
+never fire, so ``execute()`` runs the same ticks itself until the object is in the scene.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import tempfile
+import time
+
+import bpy
+from bpy.props import BoolProperty
+
+from .. import import_mesh, preferences, session
+from ..backend.client import CANCELLED, DONE
+from ..core import png
+
+TICK_S = 0.1
+READABLE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
+
+# What to do about an error, when the backend did not say more.
+DEFAULT_HINTS = {
+    "weights": "Check the Model Folder in the add-on preferences: it must hold the model's files",
+    "bad_input": "Check the image and the generation settings",
+    "internal": "The backend's log (Blender's console) has the details",
+}
+
+TIMERS: dict = {}  # job id -> the registered timer function
+JOBS: dict = {}  # job id -> what the tick needs (names, never bpy structs)
+
+
+def temp_root() -> str:
+    """Job folders live under Blender's session temp folder (removed when Blender exits)."""
+    return os.path.join(bpy.app.tempdir or tempfile.gettempdir(), "image_to_3d")
+
+
+def image_file_for_worker(image: bpy.types.Image, job_dir: str) -> str:
+    """A file the worker can read: the image's own file when it is one, else its pixels saved as PNG."""
+    if image.source == "FILE" and not image.packed_file:
+        path = bpy.path.abspath(image.filepath, library=image.library)
+        if os.path.isfile(path) and os.path.splitext(path)[1].lower() in READABLE_SUFFIXES:
+            return os.path.abspath(path)
+    width, height = image.size
+    if width == 0 or height == 0:
+        raise ValueError(f"image '{image.name}' has no pixels")
+    pixels = bpy_image_pixels(image, width, height)
+    path = os.path.join(job_dir, "input.png")
+    png.write_pixels(path, pixels, width, height, linear=image.is_float)
+    return path
+
+
+def bpy_image_pixels(image, width, height):
+    import numpy as np
+
+    pixels = np.empty(width * height * image.channels, dtype=np.float32)
+    image.pixels.foreach_get(pixels)
+    if image.channels != 4:  # grey or RGB buffers: expand to RGBA
+        pixels = pixels.reshape(-1, image.channels)
+        rgba = np.ones((len(pixels), 4), dtype=np.float32)
+        rgba[:, :3] = pixels[:, :3] if image.channels >= 3 else pixels[:, :1]
+        pixels = rgba
+    return pixels
+
+
+def model_folder(weights_dir: str, model: str) -> str | None:
+    """The preference names one model's folder, or a folder of per-model folders; None lets the backend
+    search its defaults (IMAGE_TO_3D_MODELS, the Hugging Face cache)."""
+    if not weights_dir:
+        return None
+    folder = bpy.path.abspath(weights_dir)
+    nested = os.path.join(folder, model)
+    return os.path.abspath(nested if os.path.isdir(nested) else folder)
+
+
+def job_options(settings, prefs) -> dict:
+    device = settings.device if settings.device != "DEFAULT" else (prefs.device if prefs else "auto")
+    return {
+        "model": settings.model,
+        "weights": model_folder(prefs.weights_dir if prefs else "", settings.model),
+        "resolution": int(settings.resolution),
+        "foreground_ratio": round(float(settings.foreground_ratio), 4),
+        "remove_background": bool(settings.remove_background),
+        "device": device,
+    }
+
+
+def why_not(context) -> str:
+    """Why Generate 3D cannot run now ('' when it can)."""
+    settings = getattr(context.scene, "image_to_3d", None)
+    if settings is None:
+        return "No scene"
+    if session.is_busy():
+        return "A generation is already running"
+    if settings.image is None:
+        return "Choose an image first"
+    python = preferences.backend_python(context)
+    if not python:
+        return "Set the backend Python in the add-on preferences (or run 'make venv')"
+    if not os.path.isfile(python):
+        return f"Backend Python not found: {python}"
+    return ""
+
+
+class IMAGE_TO_3D_OT_generate(bpy.types.Operator):
+    """Reconstruct a coloured mesh from the image with the chosen model, in a background process"""
+
+    bl_idname = "image_to_3d.generate"
+    bl_label = "Generate 3D"
+    bl_options = {"REGISTER"}  # the undo step is pushed when the object is imported, not now
+
+    run_async: BoolProperty(
+        name="Return at Once", default=False, options={"HIDDEN", "SKIP_SAVE"},
+        description="In background mode, return while the job runs (the caller drives the timer)")
+
+    @classmethod
+    def poll(cls, context):
+        reason = why_not(context)
+        if reason:
+            cls.poll_message_set(reason)
+        return not reason
+
+    def execute(self, context):
+        settings = context.scene.image_to_3d
+        prefs = preferences.get(context)
+        settings.last_error = settings.last_hint = settings.last_info = ""
+        options = job_options(settings, prefs)
+        staging = None
+        try:
+            worker = session.worker_for(preferences.backend_python(context), temp_root())
+            os.makedirs(worker.temp_dir, exist_ok=True)
+            staging = tempfile.mkdtemp(prefix="input-", dir=worker.temp_dir)
+            image_path = image_file_for_worker(settings.image, staging)
+            job = worker.submit(image_path, options)
+        except (OSError, ValueError, RuntimeError) as exc:
+            if staging:
+                shutil.rmtree(staging, ignore_errors=True)
+            settings.last_error = str(exc)
+            settings.last_hint = "Check the image and the backend Python in the add-on preferences"
+            self.report({"ERROR"}, settings.last_error)
+            return {"CANCELLED"}
+
+        JOBS[job.id] = {
+            "scene": context.scene.name,
+            "view_layer": context.view_layer.name,
+            "staging": staging,
+            "started": time.monotonic(),
+            "settings": dict(options, image=settings.image.name, smooth_shading=bool(settings.smooth_shading),
+                             target_height=float(settings.target_height)),
+        }
+        TIMERS[job.id] = functools.partial(tick, job.id)
+        # persistent: the job is still followed (and its worker cleaned up) if another file is opened meanwhile
+        bpy.app.timers.register(TIMERS[job.id], first_interval=TICK_S, persistent=True)
+
+        if bpy.app.background and not self.run_async:
+            # Timers never fire here: run the same ticks until the job is done.
+            timer = TIMERS[job.id]
+            while timer() is not None:
+                time.sleep(0.02)
+            if bpy.app.timers.is_registered(timer):
+                bpy.app.timers.unregister(timer)
+            if settings.last_error:
+                self.report({"ERROR"}, f"{settings.last_error} ({settings.last_hint})" if settings.last_hint
+                            else settings.last_error)
+                return {"CANCELLED"}
+            if job.state != DONE:
+                return {"CANCELLED"}
+            self.report({"INFO"}, settings.last_info)
+        return {"FINISHED"}
+
+
+def tick(job_id: str):
+    """One step of the job on the main thread. Returns the delay to the next tick, or None when done."""
+    info = JOBS.get(job_id)
+    worker = session.current()
+    job = worker.job if worker is not None else None
+    if info is None or job is None or job.id != job_id:
+        finish(job_id)
+        return None
+    worker.poll()
+    scene = bpy.data.scenes.get(info["scene"])
+    settings = scene.image_to_3d if scene else None
+    redraw_panels()
+    if not job.finished:
+        return TICK_S
+    try:
+        if settings is None:
+            pass  # the scene was deleted meanwhile: nothing to import into
+        elif job.state == DONE:
+            obj = import_result(scene, info, job)
+            settings.last_info = (f"{obj.name}: {job.stats.get('vertices')} vertices, {job.stats.get('faces')} faces"
+                                  f" in {time.monotonic() - info['started']:.1f} s"
+                                  f" (model {'reused' if job.stats.get('model_cache') == 'hit' else 'loaded'})")
+            bpy.ops.ed.undo_push(message="Generate 3D")
+        elif job.state == CANCELLED:
+            settings.last_info = "Cancelled"
+            session.stop()  # a cancelled job leaves no worker behind (and frees its memory)
+        else:
+            settings.last_error = job.error["message"]
+            settings.last_hint = job.error.get("hint") or DEFAULT_HINTS.get(job.error.get("code"), "")
+            print(f"Image to 3D: {job.error['code']}: {job.error['message']}\n--- backend log ---\n"
+                  f"{worker.log_tail(40)}\n---")
+    except Exception as exc:  # noqa: BLE001 - an import failure must reach the panel, not the console only
+        if settings is None:
+            raise
+        settings.last_error = f"Import failed: {exc}"
+        settings.last_hint = "The generated file could not be turned into a mesh"
+    finally:
+        job.cleanup()
+        finish(job_id)
+        redraw_panels()
+    return None
+
+
+def import_result(scene, info, job):
+    vertices, faces, colors = import_mesh.load_npz(job.result_path)
+    settings = info["settings"]
+    mesh = import_mesh.build_mesh(settings["image"] or "Generated", vertices, faces, colors,
+                                  target_height=settings["target_height"], smooth=settings["smooth_shading"])
+    view_layer = scene.view_layers.get(info["view_layer"]) or scene.view_layers[0]
+    collection = scene.collection
+    context = bpy.context
+    if context.scene == scene and context.view_layer == view_layer:
+        collection = context.view_layer.active_layer_collection.collection
+        if context.object is not None and context.object.mode != "OBJECT":
+            try:
+                bpy.ops.object.mode_set(mode="OBJECT")
+            except RuntimeError:
+                pass
+    name = os.path.splitext(settings["image"] or "Generated")[0] + " 3D"
+    stored = {k: v for k, v in settings.items() if v is not None}
+    return import_mesh.add_object(scene, view_layer, collection, name, mesh, stored)
+
+
+def finish(job_id: str, unregister_timer: bool = False) -> None:
+    """Forget a job and delete its staged input. A tick that ends returns None, which removes its timer;
+    ``unregister_timer`` is for callers outside the timer (background mode, disabling the add-on)."""
+    info = JOBS.pop(job_id, None)
+    if info:
+        shutil.rmtree(info["staging"], ignore_errors=True)
+    timer = TIMERS.pop(job_id, None)
+    if unregister_timer and timer is not None and bpy.app.timers.is_registered(timer):
+        bpy.app.timers.unregister(timer)
+
+
+def redraw_panels() -> None:
+    wm = bpy.context.window_manager
+    for window in getattr(wm, "windows", ()):
+        for area in window.screen.areas:
+            if area.type == "VIEW_3D":
+                area.tag_redraw()
+
+
+def register():
+    bpy.utils.register_class(IMAGE_TO_3D_OT_generate)
+
+
+def unregister():
+    for job_id in list(TIMERS):
+        finish(job_id, unregister_timer=True)
+    bpy.utils.unregister_class(IMAGE_TO_3D_OT_generate)

@@ -1,0 +1,264 @@
+"""The wire, with the real worker (``python -m backend serve``) driven by ``backend.client``:
+round trip, warm model, bad input, cancel, a killed worker, a worker that does not start, no orphans."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from backend import client as wire
+from backend.pipeline import STAGE_BACKGROUND, STAGE_COLOR, STAGE_LOAD, STAGE_SURFACE
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ROOT / "tests" / "data" / "triposr_tiny"
+IMAGE = TINY / "input_rgba.png"
+FAST = {"weights": str(TINY), "resolution": 64, "remove_background": False, "device": "cpu"}
+SLOW = dict(FAST, resolution=512)  # ~9 s of surface extraction: time to cancel or kill mid-job
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+@pytest.fixture
+def worker(tmp_path):
+    w = wire.Worker(sys.executable, ROOT, temp_dir=str(tmp_path / "jobs"))
+    pids = []
+    w.start()
+    pids.append(w.pid)
+    yield w
+    pids.append(w.pid)
+    w.stop()
+    for pid in set(filter(None, pids)):
+        assert not group_alive(pid), "a worker process outlived stop()"
+
+
+def wait_for_stage(w, stage, timeout=120):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        w.poll()
+        if w.job.stage == stage or w.job.finished:
+            return
+        time.sleep(0.01)
+    raise TimeoutError(stage)
+
+
+def collect(w, timeout=300):
+    """Poll until the job ends; return every event seen."""
+    events, deadline = [], time.monotonic() + timeout
+    while True:
+        events += w.poll()
+        if w.job.finished:
+            return events
+        assert time.monotonic() < deadline, w.job
+        time.sleep(0.01)
+
+
+def test_round_trip_result_file_progress_and_warm_second_job(worker):
+    job = worker.submit(str(IMAGE), FAST)
+    events = collect(worker)
+    assert job.state == wire.DONE, (job.error, worker.log_tail())
+    assert worker.ready_info["torch"] and worker.ready_info["pid"] == worker.pid
+
+    stages = [e["stage"] for e in events if e["event"] == "progress"]
+    for stage in (STAGE_BACKGROUND, STAGE_LOAD, STAGE_SURFACE, STAGE_COLOR):
+        assert stage in stages
+    assert all(e["id"] == job.id for e in events if e["event"] in ("progress", "result"))
+
+    result = Path(job.result_path)
+    assert result.parent == job.job_dir and result.suffix == ".npz"
+    with np.load(result) as data:
+        assert data["vertices"].dtype == np.float32 and data["vertices"].shape[1] == 3
+        assert data["faces"].dtype == np.int32 and data["faces"].shape[1] == 3
+        assert data["colors"].shape == data["vertices"].shape
+        assert job.stats["vertices"] == len(data["vertices"]) and job.stats["faces"] == len(data["faces"])
+    assert job.stats["model_cache"] == "miss"
+    job.cleanup()
+    assert not job.job_dir.exists()
+
+    pid = worker.pid
+    second = worker.submit(str(IMAGE), FAST)
+    assert worker.wait(120).state == wire.DONE
+    assert worker.pid == pid, "the worker is kept between jobs"
+    assert second.stats["model_cache"] == "hit"
+    assert second.stats["vertices"] == job.stats["vertices"]
+    assert second.stats["seconds"].get(STAGE_LOAD, 0.0) < job.stats["seconds"][STAGE_LOAD]
+
+
+@pytest.mark.parametrize("image, options, code", [
+    ("missing.png", FAST, "bad_input"),
+    (str(IMAGE), dict(FAST, resolution=4), "bad_input"),
+    (str(IMAGE), dict(FAST, no_such_option=1), "bad_input"),
+    (str(IMAGE), dict(FAST, weights="/nonexistent/model"), "weights"),
+])
+def test_bad_input_gives_an_error_event_with_its_code_and_the_worker_lives_on(worker, tmp_path, image, options, code):
+    if image == "missing.png":
+        image = str(tmp_path / image)
+    job = worker.submit(image, options)
+    assert worker.wait(120).state == wire.ERROR
+    assert job.error["code"] == code and job.error["message"]
+    assert not job.job_dir.exists(), "a failed job leaves no folder"
+    assert worker.running
+    assert worker.submit(str(IMAGE), FAST) and worker.wait(120).state == wire.DONE
+
+
+def test_cancel_mid_job_stops_between_chunks_and_keeps_the_worker(worker):
+    job = worker.submit(str(IMAGE), SLOW)
+    wait_for_stage(worker, STAGE_SURFACE)
+    assert not job.finished, "the job ended before it could be cancelled"
+    asked = time.monotonic()
+    worker.cancel()
+    worker.wait(30)
+    assert job.state == wire.CANCELLED
+    assert time.monotonic() - asked < 5, "cooperative cancel takes one chunk, not the whole job"
+    assert not job.job_dir.exists() and job.result_path is None
+    assert worker.running, "a cooperative cancel keeps the worker (and its model)"
+    again = worker.submit(str(IMAGE), FAST)
+    assert worker.wait(120).state == wire.DONE and again.stats["model_cache"] == "hit"
+
+
+def test_cancel_kills_a_worker_that_does_not_stop_in_time(tmp_path):
+    w = wire.Worker(sys.executable, ROOT, temp_dir=str(tmp_path), cancel_grace=0.5)
+    job = w.submit(str(IMAGE), SLOW)
+    wait_for_stage(w, STAGE_SURFACE)
+    pid = w.pid
+    os.kill(pid, signal.SIGSTOP)  # a worker stuck in a long native call
+    w.cancel()
+    assert w.wait(20).state == wire.CANCELLED
+    assert not w.running and not group_alive(pid)
+    assert not job.job_dir.exists()
+
+
+def test_a_worker_killed_mid_job_is_reported_and_the_next_job_works(worker):
+    job = worker.submit(str(IMAGE), SLOW)
+    wait_for_stage(worker, STAGE_SURFACE)
+    assert not job.finished
+    dead_pid = worker.pid
+    os.kill(dead_pid, signal.SIGKILL)
+    started = time.monotonic()
+    worker.wait(30)
+    assert time.monotonic() - started < 10, "a dead worker is not hung on"
+    assert job.state == wire.ERROR and job.error["code"] == "worker_died"
+    assert "signal 9" in job.error["message"] and job.error["hint"]
+    assert not job.job_dir.exists()
+    assert not group_alive(dead_pid)
+
+    again = worker.submit(str(IMAGE), FAST)
+    assert worker.wait(120).state == wire.DONE, again.error
+    assert worker.pid != dead_pid and again.stats["model_cache"] == "miss"
+
+
+def test_a_worker_that_cannot_start_is_reported_with_its_log(tmp_path):
+    fake_python = tmp_path / "python"
+    fake_python.write_text("#!/bin/sh\necho 'No module named torch' >&2\nexit 3\n")
+    fake_python.chmod(0o755)
+    w = wire.Worker(str(fake_python), ROOT, temp_dir=str(tmp_path / "jobs"))
+    job = w.submit(str(IMAGE), FAST)
+    assert w.wait(20).state == wire.ERROR
+    assert job.error["code"] == "worker_start_failed"
+    assert "status 3" in job.error["message"] and "No module named torch" in job.error["hint"]
+    assert not job.job_dir.exists()
+
+
+def test_missing_interpreter_raises_before_anything_starts(tmp_path):
+    w = wire.Worker(str(tmp_path / "nope" / "python"), ROOT, temp_dir=str(tmp_path))
+    with pytest.raises(FileNotFoundError):
+        w.submit(str(IMAGE), FAST)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_one_job_at_a_time(worker):
+    worker.submit(str(IMAGE), FAST)
+    with pytest.raises(RuntimeError):
+        worker.submit(str(IMAGE), FAST)
+    assert worker.wait(120).state == wire.DONE
+
+
+def test_stop_ends_the_worker_and_its_process_group(worker):
+    worker.submit(str(IMAGE), FAST)
+    worker.wait(120)
+    pid = worker.pid
+    worker.stop()
+    assert not worker.running and not group_alive(pid)
+
+
+def test_stop_during_a_job_cancels_it(worker):
+    job = worker.submit(str(IMAGE), SLOW)
+    wait_for_stage(worker, STAGE_SURFACE)
+    pid = worker.pid
+    worker.stop()
+    assert job.state == wire.CANCELLED and not job.job_dir.exists()
+    assert not group_alive(pid)
+
+
+def test_worker_exits_when_its_client_goes_away():
+    env = wire.default_env(ROOT)
+    process = subprocess.Popen([sys.executable, "-m", "backend", "serve"], cwd=ROOT, env=env, stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True)
+    ready = json.loads(process.stdout.readline())
+    assert ready["event"] == "ready"
+    process.stdin.close()  # Blender crashed or quit
+    assert process.wait(30) == 0
+    process.stdout.close()
+
+
+def test_stray_output_goes_to_stderr_not_the_protocol():
+    code = (
+        "import os, sys\n"
+        "from backend.worker import EventWriter, claim_protocol_stream\n"
+        "events = EventWriter(claim_protocol_stream())\n"
+        "print('stray print', flush=True)\n"
+        "os.system('echo from a child process')\n"
+        "events.emit('ready', pid=os.getpid())\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=wire.default_env(ROOT), capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert [json.loads(line)["event"] for line in r.stdout.splitlines()] == ["ready"]
+    assert "stray print" in r.stderr and "from a child process" in r.stderr
+
+
+def test_malformed_and_unknown_requests_get_error_events():
+    process = subprocess.Popen([sys.executable, "-m", "backend", "serve"], cwd=ROOT, env=wire.default_env(ROOT),
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                               start_new_session=True)
+    try:
+        assert json.loads(process.stdout.readline())["event"] == "ready"
+        process.stdin.write("not json\n{\"op\": \"fly\"}\n")
+        process.stdin.flush()
+        codes = [json.loads(process.stdout.readline())["code"] for _ in range(2)]
+        assert codes == ["bad_request", "bad_request"]
+        process.stdin.write('{"op": "shutdown"}\n')
+        process.stdin.flush()
+        assert process.wait(30) == 0
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        process.stdin.close()
+        process.stdout.close()
+
+
+def test_a_backend_without_torch_says_which_package_is_missing(tmp_path):
+    # A worker whose pipeline cannot import torch (a Python without the backend requirements).
+    blocker = tmp_path / "sitecustomize.py"
+    blocker.write_text("import sys\nsys.modules['torch'] = None\n")
+    env = wire.default_env(ROOT)
+    env["PYTHONPATH"] = f"{ROOT}{os.pathsep}{tmp_path}"
+    w = wire.Worker(sys.executable, ROOT, env=env, temp_dir=str(tmp_path / "jobs"))
+    try:
+        job = w.submit(str(IMAGE), FAST)
+        assert w.wait(60).state == wire.ERROR
+        assert job.error["code"] == "missing_package" and "torch" in job.error["message"]
+        assert w.ready_info["torch"] is None
+    finally:
+        w.stop()

@@ -1,7 +1,8 @@
 """Command line: ``python -m backend generate IMAGE -o OUT.{glb,ply,obj,npz}``; ``check`` (the environment as
 JSON), ``install`` (a managed environment), ``serve`` (the worker Blender talks to).
 
-Exit status: 0 success, 2 bad input, 3 missing or invalid weights, 1 anything else.
+Exit status: 0 success, 2 bad input, 3 missing or invalid weights, 4 weights licence not accepted
+(``--accept-licence``), 1 anything else.
 A failed run leaves no output file behind (outputs are written under a temporary name, then renamed).
 """
 
@@ -25,11 +26,22 @@ def _parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="reconstruct a coloured mesh from one image")
     g.add_argument("input", help="image file (PNG/JPEG/WebP/TIFF...; RGBA with transparency skips background removal)")
     g.add_argument("-o", "--output", required=True, help="output mesh, by extension: .glb .ply .obj .npz")
-    g.add_argument("--model", default="triposr", help="model id (default: triposr)")
+    g.add_argument("--model", default="triposr",
+                   help="model id: triposr, openlrm-{obj,mix}-{small,base,large} or openlrm-{small,base,large} "
+                        "(the mix weights) (default: triposr)")
     g.add_argument("--weights", metavar="DIR", help="model folder in the official layout")
-    g.add_argument("--resolution", type=int, help="marching-cubes grid, 32..1024 (default: the model's, 256 for TripoSR)")
-    g.add_argument("--threshold", type=float, help="density threshold of the surface (default: the model's, 25.0 for TripoSR)")
-    g.add_argument("--foreground-ratio", type=float, default=0.85, help="object size in the frame (default 0.85)")
+    g.add_argument("--resolution", type=int,
+                   help="marching-cubes grid, 32..1024 (default: the model's, 256 TripoSR, 384 OpenLRM)")
+    g.add_argument("--threshold", type=float,
+                   help="density threshold of the surface (default: the model's, 25.0 TripoSR, 3.0 OpenLRM)")
+    g.add_argument("--foreground-ratio", type=float,
+                   help="object size in the frame (default: the model's, 0.85 TripoSR, 0.8 OpenLRM)")
+    g.add_argument("--source-size", type=int, metavar="N",
+                   help="side in pixels of the image the encoder sees, a multiple of its patch size "
+                        "(default: the model's: TripoSR 512; OpenLRM small 224, base 336, large 448)")
+    g.add_argument("--accept-licence", action="store_true",
+                   help="accept the weights' licence where it restricts use (OpenLRM: CC BY-NC 4.0, "
+                        "non-commercial); remembered, so needed once")
     g.add_argument("--no-remove-background", dest="remove_background", action="store_false",
                    help="do not run background removal (an opaque image is used as given)")
     g.add_argument("--u2net", metavar="FILE", help="background-removal model file (default ~/.u2net/u2net.onnx)")
@@ -45,6 +57,8 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--offline", action="store_true", help="never connect (fails, naming the files, if any is missing)")
     d.add_argument("--token", help="access token for gated repositories (default: $HF_TOKEN)")
     d.add_argument("--json", action="store_true", help="progress and the result as JSON lines")
+    d.add_argument("--accept-licence", action="store_true",
+                   help="accept the weights' licence where it restricts use (needed once)")
     i = sub.add_parser("install", help="create a managed backend environment with this Python")
     i.add_argument("--target", required=True, help="folder of the new virtual environment")
     i.add_argument("--flavor", default="auto", choices=["auto", "cuda", "rocm", "mps", "cpu"],
@@ -78,6 +92,8 @@ def _download(args) -> int:
             print(f"\r{human_size(done)}{of} at {human_size(int(rate))}/s   ", end="", file=sys.stderr, flush=True)
 
     try:
+        if args.model != "u2net":
+            _accept_licence(registry.get(args.model), args.accept_licence)
         folder = registry.fetch(args.model, args.store, token=args.token, online=False if args.offline else None,
                                 progress=progress)
     except BackendError as e:
@@ -127,6 +143,17 @@ def _install(args) -> int:
     return 0
 
 
+def _accept_licence(spec, accept: bool) -> None:
+    """Show a restrictive licence when the user accepts it, record it; refuse while it is not accepted."""
+    from . import licences
+
+    if accept and licences.get(spec.licence).needs_acceptance and spec.licence not in licences.accepted():
+        print(licences.notice(spec.licence, spec.display_name), file=sys.stderr)
+        licences.accept(spec.licence, spec.id)
+        print(f"Licence {spec.licence} accepted; remembered in {licences.acceptance_file()}", file=sys.stderr)
+    licences.ensure_accepted(spec.licence, spec.id, spec.display_name)
+
+
 def _progress_printer(quiet: bool):
     last = {"stage": None, "tenth": -1}
 
@@ -154,9 +181,13 @@ def _generate(args) -> int:
                              f"use one of {', '.join(meshio.FORMATS)}")
         if not output.parent.resolve().is_dir():
             raise InputError(f"output folder does not exist: {output.parent}")
+        from .models import registry
+
+        _accept_licence(registry.get(args.model), args.accept_licence)
         options = Options(model=args.model, weights=args.weights, resolution=args.resolution,
                           threshold=args.threshold, foreground_ratio=args.foreground_ratio,
-                          remove_background=args.remove_background, device=args.device, u2net_path=args.u2net)
+                          remove_background=args.remove_background, device=args.device, u2net_path=args.u2net,
+                          source_size=args.source_size)
         from .pipeline import generate
 
         mesh = generate(args.input, options, progress=_progress_printer(args.quiet or args.json))

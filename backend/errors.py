@@ -30,6 +30,13 @@ class WeightsError(BackendError):
     exit_status = 3
 
 
+class LicenceNotAccepted(BackendError):
+    """The model's weights carry a licence the user has not accepted yet (exit status 4)."""
+
+    code = "licence_not_accepted"
+    exit_status = 4
+
+
 class Cancelled(BackendError):
     """The job was cancelled by the user."""
 

@@ -25,6 +25,7 @@ STAGE_SURFACE = "extracting_surface"
 STAGE_COLOR = "colouring"
 
 MIN_RESOLUTION, MAX_RESOLUTION = 32, 1024
+MAX_SOURCE_SIZE = 2048
 
 
 @dataclass
@@ -33,16 +34,20 @@ class Options:
     weights: Optional[str] = None  # model folder in the official layout; None = resolve by model id
     resolution: Optional[int] = None  # None = the model's default
     threshold: Optional[float] = None  # None = the model's default
-    foreground_ratio: float = 0.85
+    foreground_ratio: Optional[float] = None  # None = the model's (TripoSR 0.85, OpenLRM 0.8)
     remove_background: bool = True
     device: str = "auto"
     u2net_path: Optional[str] = None  # background-removal model file; None = default location
+    source_size: Optional[int] = None  # encoder input side in pixels; None = the model's (multiple of its patch)
+    accept_licence: bool = False  # accept (and remember) a restrictive weights licence, e.g. CC BY-NC
 
     def validate(self) -> None:
         if self.resolution is not None and not MIN_RESOLUTION <= int(self.resolution) <= MAX_RESOLUTION:
             raise InputError(f"resolution must be between {MIN_RESOLUTION} and {MAX_RESOLUTION}, got {self.resolution}")
-        if not 0.1 <= float(self.foreground_ratio) <= 1.0:
+        if self.foreground_ratio is not None and not 0.1 <= float(self.foreground_ratio) <= 1.0:
             raise InputError(f"foreground ratio must be between 0.1 and 1.0, got {self.foreground_ratio}")
+        if self.source_size is not None and not 1 <= int(self.source_size) <= MAX_SOURCE_SIZE:
+            raise InputError(f"source size must be between 1 and {MAX_SOURCE_SIZE} pixels, got {self.source_size}")
         if self.threshold is not None and not float(self.threshold) > 0:
             raise InputError(f"threshold must be positive, got {self.threshold}")
         if self.device not in ("auto", "cpu", "cuda", "mps") and not str(self.device).startswith("cuda:"):
@@ -50,6 +55,15 @@ class Options:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def check_source_size(size: int, patch: int) -> int:
+    """The encoder cuts its input into ``patch``-pixel squares: the side must be a multiple of it."""
+    if size < patch or size % patch:
+        lower = max(patch, size // patch * patch)
+        raise InputError(f"source size {size} is not a multiple of the image encoder's {patch}-pixel patches",
+                         hint=f"Use a multiple of {patch}, e.g. {lower} or {lower + patch}.")
+    return size
 
 
 class _Stages:
@@ -102,10 +116,11 @@ def generate(image_path, options: Options, progress: Optional[ProgressFn] = None
 
 
 def _run(image_path: Path, options: Options, stages: _Stages, model_cache):
-    from . import devices, preprocess
+    from . import devices, licences, preprocess
     from .models import registry
 
     spec = registry.get(options.model)
+    licences.ensure_accepted(spec.licence, spec.id, spec.display_name, accept_now=options.accept_licence)
     options = replace(options, resolution=options.resolution or spec.default_resolution,
                       threshold=spec.default_threshold if options.threshold is None else options.threshold)
     device = devices.resolve(options.device)
@@ -115,6 +130,7 @@ def _run(image_path: Path, options: Options, stages: _Stages, model_cache):
     stages.check()
     conditioning = preprocess.prepare(
         image,
+        recipe=spec.preprocessing,
         remove_background=options.remove_background,
         foreground_ratio=options.foreground_ratio,
         u2net_path=options.u2net_path,

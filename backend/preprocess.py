@@ -1,11 +1,17 @@
-"""Image preprocessing: file -> 8-bit image -> (background removal) -> cropped, gray-composited RGB -> model input.
+"""Image preprocessing: file -> 8-bit image -> (background removal) -> framed object -> model input.
 
-The crop and composite reproduce TripoSR's ``run.py`` default path bit for bit (spec ``triposr.md`` §3).
+Two recipes, one per reference, sharing loading, background removal and the object's bounding box:
+- ``triposr``: crop to the object, pad to a square, composite on gray; reproduces TripoSR's ``run.py``
+  default path bit for bit (spec ``triposr.md`` §3).
+- ``openlrm``: OpenLRM's demo path (spec ``openlrm.md`` §8): longest side to 1024, recentre the object
+  to 80 % of a 512 transparent square (OpenCV ``INTER_AREA`` resizing, reimplemented here in numpy),
+  then its runner: composite on white, bicubic resize to the encoder's source size.
 numpy and PIL only at import time; rembg and torch are imported by the functions that need them.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from pathlib import Path
@@ -216,20 +222,28 @@ _remove_background = remove_background  # prepare() has a parameter of the same 
 
 # --------------------------------------------------------------------------------------- crop/composite
 
-def resize_foreground(rgba: np.ndarray, ratio: float) -> np.ndarray:
-    """Crop to the alpha>0 box and pad (zeros) so the object fills ``ratio`` of a square, as the reference does.
-
-    The crop is ``[y1:y2, x1:x2]`` with the last row/column of the box excluded, as in the reference.
-    """
-    if not 0.0 < ratio <= 1.0:
-        raise InputError(f"foreground ratio must be in (0, 1], got {ratio}")
+def foreground_box(rgba: np.ndarray):
+    """(top, bottom, left, right) of the alpha>0 pixels, bottom and right *exclusive of the last object
+    row/column*, as both references crop (``[y_min:y_max, x_min:x_max]``)."""
     mask = rgba[..., 3] > 0
     rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
     if rows.size == 0 or rows[-1] == rows[0] or cols[-1] == cols[0]:
         raise InputError("The image has nothing to reconstruct: no visible object after background removal",
                          "The background removal found no object, or the alpha channel is empty; "
                          "use an image with a clear object or --no-remove-background.")
-    fg = rgba[rows[0]:rows[-1], cols[0]:cols[-1]]
+    return rows[0], rows[-1], cols[0], cols[-1]
+
+
+def _check_ratio(ratio: float) -> None:
+    if not 0.0 < ratio <= 1.0:
+        raise InputError(f"foreground ratio must be in (0, 1], got {ratio}")
+
+
+def resize_foreground(rgba: np.ndarray, ratio: float) -> np.ndarray:
+    """Crop to the alpha>0 box and pad (zeros) so the object fills ``ratio`` of a square, as TripoSR does."""
+    _check_ratio(ratio)
+    top, bottom, left, right = foreground_box(rgba)
+    fg = rgba[top:bottom, left:right]
     h, w = fg.shape[:2]
     size = max(h, w)
     ph, pw = (size - h) // 2, (size - w) // 2
@@ -254,28 +268,196 @@ def pad_to_square(rgb: np.ndarray, value: int = GRAY) -> np.ndarray:
     return np.pad(rgb, ((ph, size - h - ph), (pw, size - w - pw), (0, 0)), constant_values=value)
 
 
-def prepare(image: Image.Image, *, remove_background: bool = True, foreground_ratio: float = 0.85,
-            u2net_path: Optional[str] = None) -> np.ndarray:
-    """Turn a loaded image into the model's conditioning image: uint8 (H, W, 3), gray background, square.
+RECIPES = ("triposr", "openlrm")
+DEFAULT_FOREGROUND_RATIO = {"triposr": 0.85, "openlrm": 0.8}  # OpenLRM: border ratio 0.2
 
-    * Real alpha (RGBA, some alpha < 255): used as the mask as is; rembg is not run (the reference rule), and
-      this holds whether or not ``remove_background`` is set (there is nothing to remove).
+
+def prepare(image: Image.Image, *, recipe: str = "triposr", remove_background: bool = True,
+            foreground_ratio: Optional[float] = None, u2net_path: Optional[str] = None) -> np.ndarray:
+    """Turn a loaded image into the model's conditioning image (uint8), by the model's ``recipe``.
+
+    * Real alpha (RGBA, some alpha < 255): used as the mask as is; rembg is not run (TripoSR's rule, kept for
+      OpenLRM, whose demo would run rembg again), and this holds whether or not ``remove_background`` is set.
     * No real alpha and ``remove_background``: rembg u2net makes the mask.
-    * Either way the object is then cropped and padded to ``foreground_ratio`` and composited on gray 127.
-    * No real alpha and not ``remove_background``: the user supplies a prepared image; it is converted to RGB
-      and padded to a square with gray 127, centred, with no crop. This deliberately differs from the
-      reference's ``--no-remove-bg``, which drops alpha and lets the model input resize stretch the image.
+    * Either way the object is then framed to ``foreground_ratio`` (default: the recipe's):
+      ``triposr``: cropped, padded to a square and composited on gray 127 -> (H, W, 3);
+      ``openlrm``: longest side to 1024, recentred on a 512 transparent square -> (512, 512, 4).
+    * No real alpha and not ``remove_background``: the user supplies a prepared image.
+      ``triposr``: converted to RGB and padded to a square with gray 127, centred, with no crop. This
+      deliberately differs from the reference's ``--no-remove-bg``, which drops alpha and lets the model
+      input resize stretch the image.
+      ``openlrm``: returned as is (RGB or opaque RGBA) for OpenLRM's own runner path, which composites on
+      white and resizes to the source size (a non-square image is stretched, as the reference does).
     """
-    if has_real_alpha(image):
-        rgba = image
-    elif remove_background:
-        rgba = _remove_background(image, u2net_path)
-    else:
+    if recipe not in RECIPES:
+        raise ValueError(f"unknown preprocessing recipe {recipe!r}")
+    ratio = DEFAULT_FOREGROUND_RATIO[recipe] if foreground_ratio is None else float(foreground_ratio)
+    _check_ratio(ratio)
+    real_alpha = has_real_alpha(image)
+    if not real_alpha and not remove_background:
+        if recipe == "openlrm":
+            return np.asarray(image)
         return pad_to_square(np.asarray(image.convert("RGB")))
-    return composite_on_gray(resize_foreground(np.asarray(rgba.convert("RGBA")), foreground_ratio))
+    if recipe == "openlrm":
+        rgba = resize_longest_side(np.asarray(image.convert("RGBA")), 2 * RECENTER_SIZE)
+        if not real_alpha:
+            rgba = np.asarray(_remove_background(Image.fromarray(rgba[..., :3]), u2net_path))
+        return recenter(rgba, RECENTER_SIZE, ratio)
+    rgba = image if real_alpha else _remove_background(image, u2net_path)
+    return composite_on_gray(resize_foreground(np.asarray(rgba.convert("RGBA")), ratio))
+
+
+# ------------------------------------------------------------------------- OpenLRM's demo framing
+
+RECENTER_SIZE = 512  # the demo's square; its first step brings the longest side to twice this
+
+
+def resize_longest_side(image: np.ndarray, size: int) -> np.ndarray:
+    """Scale (up or down) so the longest side is ``size``, the other truncated, with INTER_AREA."""
+    h, w = image.shape[:2]
+    scale = size / max(h, w)
+    return resize_area(image, int(w * scale), int(h * scale))
+
+
+def recenter(rgba: np.ndarray, size: int = RECENTER_SIZE, ratio: float = 0.8) -> np.ndarray:
+    """Scale the alpha>0 box so its longer side is ``int(size * ratio)`` and centre it on a transparent
+    black ``size`` square, as OpenLRM's ``Preprocessor.step_recenter``."""
+    _check_ratio(ratio)
+    top, bottom, left, right = foreground_box(rgba)
+    box_h, box_w = bottom - top, right - left
+    scale = int(size * ratio) / max(box_h, box_w)
+    h, w = int(box_h * scale), int(box_w * scale)
+    if h == 0 or w == 0:
+        raise InputError(f"The object is too thin to reconstruct ({box_w}x{box_h} pixels)",
+                         "Use an image where the object is clearly visible.")
+    y0, x0 = (size - h) // 2, (size - w) // 2
+    out = np.zeros((size, size, 4), np.uint8)
+    out[y0:y0 + h, x0:x0 + w] = resize_area(np.ascontiguousarray(rgba[top:bottom, left:right]), w, h)
+    return out
+
+
+def resize_area(image: np.ndarray, width: int, height: int) -> np.ndarray:
+    """uint8 (H, W[, C]) -> (height, width[, C]) as OpenCV's ``cv2.resize(..., interpolation=INTER_AREA)``.
+
+    Shrinking both axes: box filtering with fractional pixel weights in float32, rounded half to even.
+    Otherwise OpenCV's "area" variant of bilinear interpolation in 11-bit fixed point. Channels are
+    independent (alpha is not premultiplied), as in OpenCV. Bit-exact against opencv-python 5.0.0 on
+    thousands of random sizes and images (OpenCV is not a dependency; the tests use the reference's PNGs).
+    """
+    squeeze = image.ndim == 2
+    src = image[..., None] if squeeze else image
+    if src.dtype != np.uint8:
+        raise ValueError(f"expected a uint8 image, got {src.dtype}")
+    src_h, src_w = src.shape[:2]
+    if width <= 0 or height <= 0:
+        raise ValueError(f"cannot resize a {src_w}x{src_h} image to {width}x{height}")
+    # OpenCV's own arithmetic: scale = 1 / (dst / src), in double.
+    scale_x, scale_y = 1.0 / (width / src_w), 1.0 / (height / src_h)
+    if scale_x >= 1 and scale_y >= 1:
+        ix, iy = round(scale_x), round(scale_y)
+        if abs(scale_x - ix) < 2.220446049250313e-16 and abs(scale_y - iy) < 2.220446049250313e-16:
+            out = _area_integer(src, ix, iy, width, height)
+        else:
+            out = _area_fractional(src, scale_x, scale_y, width, height)
+    else:
+        out = _area_bilinear(src, scale_x, scale_y, width, height)
+    return out[..., 0] if squeeze else out
+
+
+def _area_integer(src: np.ndarray, sx: int, sy: int, width: int, height: int) -> np.ndarray:
+    """Whole-number shrink factors: plain block means (OpenCV's ``resizeAreaFast``)."""
+    blocks = src[:height * sy, :width * sx].reshape(height, sy, width, sx, -1).astype(np.int32).sum(axis=(1, 3))
+    if sx == sy == 2:
+        return ((blocks + 2) >> 2).astype(np.uint8)  # its vector code for 2x2: round half up
+    return np.clip(np.rint(blocks.astype(np.float32) * np.float32(1.0 / (sx * sy))), 0, 255).astype(np.uint8)
+
+
+def _area_taps(src_n: int, dst_n: int, scale: float):
+    """Per output pixel, the source pixels it covers and their weights (OpenCV's ``computeResizeAreaTab``),
+    padded with zero weights to one width -> indices (dst_n, T), weights float32 (dst_n, T)."""
+    taps = []
+    for d in range(dst_n):
+        start = d * scale
+        end = start + scale
+        cell = min(scale, src_n - start)
+        first, last = math.ceil(start), min(math.floor(end), src_n - 1)
+        first = min(first, last)
+        row = []
+        if first - start > 1e-3:
+            row.append((first - 1, (first - start) / cell))
+        row += [(s, 1.0 / cell) for s in range(first, last)]
+        if end - last > 1e-3:
+            row.append((last, min(min(end - last, 1.0), cell) / cell))
+        taps.append(row)
+    width = max(len(row) for row in taps)
+    index = np.zeros((dst_n, width), np.int64)
+    weight = np.zeros((dst_n, width), np.float32)
+    for d, row in enumerate(taps):
+        for t, (s, a) in enumerate(row):
+            index[d, t], weight[d, t] = s, a
+    return index, weight
+
+
+def _area_fractional(src: np.ndarray, scale_x: float, scale_y: float, width: int, height: int) -> np.ndarray:
+    """Box filter with fractional weights, summed in OpenCV's order: along x per source row, then rows."""
+    xi, xw = _area_taps(src.shape[1], width, scale_x)
+    yi, yw = _area_taps(src.shape[0], height, scale_y)
+    s = src.astype(np.float32)
+    rows = np.zeros((src.shape[0], width, src.shape[2]), np.float32)
+    for t in range(xi.shape[1]):
+        rows += s[:, xi[:, t]] * xw[:, t, None]
+    out = np.zeros((height, width, src.shape[2]), np.float32)
+    for t in range(yi.shape[1]):
+        out += rows[yi[:, t]] * yw[:, t, None, None]
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+COEF_BITS = 11  # OpenCV's INTER_RESIZE_COEF_BITS
+
+
+def _bilinear_taps(src_n: int, dst_n: int, scale: float):
+    """OpenCV's INTER_AREA bilinear taps: left index and the two 11-bit weights per output pixel."""
+    d = np.arange(dst_n)
+    left = np.floor(d * scale).astype(np.int64)
+    frac = ((d + 1) - (left + 1) * (1.0 / scale)).astype(np.float32)
+    frac = np.where(frac <= 0, np.float32(0), frac - np.floor(frac)).astype(np.float32)
+    edge = left >= src_n - 1
+    left[edge], frac[edge] = src_n - 1, 0
+    w0 = np.rint((np.float32(1) - frac) * np.float32(1 << COEF_BITS)).astype(np.int32)
+    w1 = np.rint(frac * np.float32(1 << COEF_BITS)).astype(np.int32)
+    return left, np.minimum(left + 1, src_n - 1), w0, w1
+
+
+def _area_bilinear(src: np.ndarray, scale_x: float, scale_y: float, width: int, height: int) -> np.ndarray:
+    x0, x1, a0, a1 = _bilinear_taps(src.shape[1], width, scale_x)
+    y0, y1, b0, b1 = _bilinear_taps(src.shape[0], height, scale_y)
+    s = src.astype(np.int32)
+    rows = s[:, x0] * a0[:, None] + s[:, x1] * a1[:, None]  # (H, width, C), exact integers
+    top, bottom = rows[y0], rows[y1]
+    b0, b1 = b0[:, None, None], b1[:, None, None]
+    # Rounded as OpenCV's vector code does it (not the exact sum): 16-bit products keeping their high
+    # half, then a rounding shift by 2 bits.
+    out = ((((top >> 4) * b0) >> 16) + (((bottom >> 4) * b1) >> 16) + 2) >> 2
+    return np.clip(out, 0, 255).astype(np.uint8)
 
 
 # --------------------------------------------------------------------------------------------- model input
+
+def to_openlrm_input(image_uint8: np.ndarray, size: int):
+    """uint8 (H, W, 3 or 4) -> float32 tensor (1, 3, size, size) in [0, 1], as OpenLRM's runner: alpha
+    composited on white, bicubic resize with ``align_corners=True`` (no antialias, aspect not kept)."""
+    import torch
+    import torch.nn.functional as F
+
+    image = np.asarray(image_uint8)
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] not in (3, 4):
+        raise ValueError(f"expected a uint8 (H, W, 3|4) array, got {image.dtype} {image.shape}")
+    x = torch.from_numpy(np.array(image)).permute(2, 0, 1)[None] / 255.0  # a copy: inputs may be read-only
+    if x.shape[1] == 4:
+        x = x[:, :3] * x[:, 3:] + (1 - x[:, 3:])
+    x = F.interpolate(x, size=(size, size), mode="bicubic", align_corners=True)
+    return x.clamp(0, 1)
+
 
 def to_model_input(rgb_uint8: np.ndarray, size: int):
     """uint8 (H, W, 3) -> float32 tensor (1, size, size, 3) in [0, 1], resized as TripoSR's ImagePreprocessor."""

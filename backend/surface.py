@@ -54,6 +54,23 @@ def marching_cubes(field, resolution: int, threshold: float, on_fraction=None):
     return v / (resolution - 1) * (2 * field.radius) - field.radius, f
 
 
+def colored_surface(field, resolution: int, threshold: float, stages):
+    """The pipeline's last two stages for any field: marching cubes, then the field's colour at every
+    vertex. Returns vertices (N, 3) float64, faces (M, 3), colours (N, 3) float32, in the field's frame."""
+    from .errors import InputError
+    from .pipeline import STAGE_COLOR, STAGE_SURFACE
+
+    stages.begin(STAGE_SURFACE, f"marching cubes at {resolution}³")
+    vertices, faces = marching_cubes(field, resolution, threshold, on_fraction=stages.update)
+    if len(faces) == 0:
+        raise InputError(f"no surface found at threshold {threshold:g}: the model sees no object here",
+                         hint="Lower the threshold, or use an image with one clear object.")
+    stages.begin(STAGE_COLOR, "colouring vertices")
+    # float32 vertices, as the references query them
+    _, colors = field.query(torch.from_numpy(vertices.astype(np.float32)))
+    return vertices, faces, colors.cpu().numpy()
+
+
 def weld(vertices: np.ndarray, faces: np.ndarray, decimals: int = 6):
     """Merge vertices equal to ``decimals`` (in grid units), drop faces that collapse and unused vertices.
     Vertices on a slice shared by two slabs, or snapped to a grid corner, arrive more than once."""

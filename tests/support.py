@@ -1,12 +1,24 @@
 """Shared test helpers (plain module: the tests folder is on sys.path under pytest's default import mode)."""
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 from scipy.spatial import cKDTree
 
+ROOT = Path(__file__).resolve().parent.parent
 DATA = Path(__file__).parent / "data"
 TINY = DATA / "triposr_tiny"
+OPENLRM_TINY = DATA / "openlrm_tiny"
+
+
+def run_backend(command, *args, env=None):
+    """``python -m backend COMMAND ARGS`` in a fresh process, as a user runs it."""
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    return subprocess.run([sys.executable, "-m", "backend", command, *map(str, args)], capture_output=True,
+                          text=True, env=full_env, cwd=ROOT, timeout=300)
 
 
 def weld_points(v, tol=1e-6):

@@ -1,30 +1,24 @@
 """The command-line tool as a user runs it: outputs, the JSON summary, exit statuses and messages."""
 
 import json
-import os
 import shutil
 import struct
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from support import TINY, assert_same_mesh
+from support import TINY, assert_same_mesh, run_backend
 
 from backend import mesh as meshio
 from backend.models import triposr
 
-ROOT = Path(__file__).resolve().parent.parent
 IMAGE = TINY / "input_rgba.png"
 
 
 def run_cli(*args, env=None):
-    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
-    return subprocess.run([sys.executable, "-m", "backend", "generate", *map(str, args)], capture_output=True,
-                          text=True, env=full_env, cwd=ROOT, timeout=300)
+    return run_backend("generate", *args, env=env)
 
 
 def leftovers(folder: Path):

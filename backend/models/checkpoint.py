@@ -1,8 +1,9 @@
 """Reading official weight files safely and strictly.
 
-``torch.load(weights_only=True)`` only (no pickled code runs), memory-mapped so that the weights are not
-held twice while the model takes them over. The model is built on the meta device and takes the loaded
-tensors as its parameters (``assign=True``), after every key and shape has been checked.
+``torch.load(weights_only=True)`` (no pickled code runs), memory-mapped so that the weights are not held
+twice while the model takes them over, or safetensors (no code at all). The model is built on the meta
+device and takes the loaded tensors as its parameters (``assign=True``), after every key, shape and dtype
+has been checked.
 """
 
 from __future__ import annotations
@@ -30,6 +31,24 @@ def load_torch_file(path: Path) -> dict:
     if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
         raise WeightsError(f"{path.name} does not hold a plain state dict of tensors")
     return data
+
+
+def load_safetensors_file(path: Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"weight file not found: {path}")
+    try:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+    except ImportError as e:
+        raise WeightsError(f"reading {path.name} needs the safetensors package ({e})",
+                           hint="Install the backend requirements (backend/requirements.txt).") from None
+    try:
+        return load_file(path, device="cpu")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise WeightsError(
+            f"{path.name} could not be read as a safetensors file ({_first_line(e)})",
+            hint="The file is corrupt, incomplete or not the official one: download it again.") from e
 
 
 def check_state_dict(expected: dict, found: dict, source: str) -> None:

@@ -29,6 +29,10 @@ class ModelSpec:
     default_resolution: int
     default_threshold: float
     loader: Callable  # (folder, device) -> model with .reconstruct()
+    # Side of the square image the encoder sees, for display: the model applies it (TripoSR reads it from
+    # its config, OpenLRM's loader is given it) unless Options.source_size says otherwise.
+    default_source_size: Optional[int] = None
+    preprocessing: str = "triposr"  # recipe in ..preprocess
 
     @property
     def file_names(self) -> tuple:
@@ -46,7 +50,36 @@ def _load_triposr(folder, device):
     return triposr.load(folder, device)
 
 
+def _openlrm_loader(source_size: int):
+    def load(folder, device):
+        from . import openlrm
+
+        return openlrm.load(folder, device, default_source_size=source_size)
+
+    return load
+
+
 TRIPOSR_REVISION = "5b521936b01fbe1890f6f9baed0254ab6351c04a"
+
+# OpenLRM v1.1, zxhezexin/openlrm-{obj,mix}-{size}-1.1: "obj" trained on Objaverse, "mix" on Objaverse +
+# MVImgNet; one architecture per size. Written without access to the hub: the revision is not pinned yet
+# and the model.safetensors sizes are the spec's prediction from the exact parameter counts (float32,
+# 2024-era safetensors header); the sha256 is recorded on first download. Pin all three once seen.
+OPENLRM_REVISION = "main"
+OPENLRM_SIZES = {"small": (224, 445_613_160), "base": (336, 1_040_854_744), "large": (448, 1_808_612_240)}
+
+
+def _openlrm_specs():
+    for data in ("obj", "mix"):
+        for size, (source_size, weight_bytes) in OPENLRM_SIZES.items():
+            repo = f"zxhezexin/openlrm-{data}-{size}-1.1"
+            yield ModelSpec(
+                f"openlrm-{data}-{size}", f"OpenLRM {size.title()} ({data})", repo,
+                (RemoteFile(repo, OPENLRM_REVISION, "config.json"),
+                 RemoteFile(repo, OPENLRM_REVISION, "model.safetensors", weight_bytes)),
+                "CC-BY-NC-4.0", 384, 3.0, _openlrm_loader(source_size), default_source_size=source_size,
+                preprocessing="openlrm")
+
 
 MODELS = {
     spec.id: spec
@@ -57,9 +90,12 @@ MODELS = {
                         "74ca708ce086bf68e97709ea6b3d91f14717921c04691e84043f0eb8fcc68e62"),
              RemoteFile("stabilityai/TripoSR", TRIPOSR_REVISION, "model.ckpt", 1_677_246_742,
                         "429e2c6b22a0923967459de24d67f05962b235f79cde6b032aa7ed2ffcd970ee")),
-            "MIT", 256, 25.0, _load_triposr),
+            "MIT", 256, 25.0, _load_triposr, default_source_size=512),
+        *_openlrm_specs(),
     )
 }
+# Short names: the "mix" weights (more, and real-world, training data).
+ALIASES = {f"openlrm-{size}": f"openlrm-mix-{size}" for size in OPENLRM_SIZES}
 
 # Background removal (rembg's u2net). Published on GitHub with an md5 only; its sha256 is recorded on
 # first download and enforced from then on.
@@ -70,9 +106,9 @@ U2NET = RemoteFile("danielgatis/rembg", "v0.0.0", "u2net.onnx", None, None,
 
 def get(model_id: str) -> ModelSpec:
     try:
-        return MODELS[model_id]
+        return MODELS[ALIASES.get(model_id, model_id)]
     except KeyError:
-        raise InputError(f"unknown model {model_id!r}; available: {', '.join(MODELS)}") from None
+        raise InputError(f"unknown model {model_id!r}; available: {', '.join([*MODELS, *ALIASES])}") from None
 
 
 def default_store() -> Path:
@@ -154,8 +190,9 @@ def fetch(model_id: str, store: Optional[Path] = None, *, token: Optional[str] =
     from ..hub import Checksums, download
 
     store = Path(store or default_store())
-    files = (U2NET,) if model_id == "u2net" else get(model_id).files
-    folder = store / ("u2net" if model_id == "u2net" else model_id)
+    spec = None if model_id == "u2net" else get(model_id)
+    files = (U2NET,) if spec is None else spec.files
+    folder = store / ("u2net" if spec is None else spec.id)  # an alias downloads where the model is looked for
     checksums = Checksums(store / "checksums.json")
     total = None if None in [f.size for f in files] else sum(f.size for f in files)
     before = 0

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attention import multihead_attention
+
 
 class Attention(nn.Module):
     def __init__(self, dim: int, heads: int, head_dim: int, context_dim: int | None = None):
@@ -21,13 +23,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         context = x if context is None else context
-        b = x.shape[0]
-
-        def split(t):
-            return t.view(b, -1, self.heads, t.shape[-1] // self.heads).transpose(1, 2)
-
-        out = F.scaled_dot_product_attention(split(self.to_q(x)), split(self.to_k(context)), split(self.to_v(context)))
-        return self.to_out[0](out.transpose(1, 2).reshape(b, -1, out.shape[1] * out.shape[3]))
+        return self.to_out[0](multihead_attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads))
 
 
 class GEGLU(nn.Module):

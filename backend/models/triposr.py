@@ -18,7 +18,7 @@ import yaml
 from torch import nn
 
 from .. import surface
-from ..errors import InputError, WeightsError
+from ..errors import WeightsError
 from ..mesh import Mesh
 from .checkpoint import assign_weights, load_torch_file
 from .transformer import Transformer1D
@@ -177,28 +177,23 @@ class TripoSR(nn.Module):
 
     def field(self, planes: torch.Tensor) -> TriplaneField:
         """The density/colour field of one object, planes (3, C, H, W)."""
-        return TriplaneField(planes, self.decoder, self.cfg.radius, self.cfg.density_bias)
+        return TriplaneField(planes, self.decoder.layers, self.cfg.radius, self.cfg.density_bias)
 
     def reconstruct(self, conditioning: np.ndarray, options, stages) -> Mesh:
         from .. import preprocess
-        from ..pipeline import STAGE_COLOR, STAGE_ENCODE, STAGE_SURFACE, STAGE_TRIPLANE
+        from ..pipeline import STAGE_ENCODE, STAGE_TRIPLANE, check_source_size
 
-        threshold = float(options.threshold)
+        size = check_source_size(int(options.source_size or self.cfg.cond_image_size), self.cfg.vit.patch_size)
         stages.begin(STAGE_ENCODE, "encoding the image")
-        rgb = preprocess.to_model_input(conditioning, self.cfg.cond_image_size)
+        rgb = preprocess.to_model_input(conditioning, size)
         tokens = self.encode(rgb, stages.check)
         stages.begin(STAGE_TRIPLANE, "building triplanes")
         field = self.field(self.triplanes(tokens, stages.check)[0])
-
-        stages.begin(STAGE_SURFACE, f"marching cubes at {options.resolution}³")
-        vertices, faces = surface.marching_cubes(field, int(options.resolution), threshold, on_fraction=stages.update)
-        if len(faces) == 0:
-            raise InputError(f"no surface found at threshold {threshold:g}: the model sees no object here",
-                             hint="Lower the threshold, or use an image with one clear object.")
-        stages.begin(STAGE_COLOR, "colouring vertices")
-        _, colors = field.query(torch.from_numpy(vertices.astype(np.float32)))
-        return Mesh(to_blender_frame(vertices), faces, colors.cpu().numpy(),
-                    stats={"threshold": threshold, "resolution": int(options.resolution)})
+        vertices, faces, colors = surface.colored_surface(field, int(options.resolution), float(options.threshold),
+                                                          stages)
+        return Mesh(to_blender_frame(vertices), faces, colors,
+                    stats={"threshold": float(options.threshold), "resolution": int(options.resolution),
+                           "source_size": size})
 
 
 def to_blender_frame(v: np.ndarray) -> np.ndarray:

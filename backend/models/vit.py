@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attention import multihead_attention
+
 
 @dataclass
 class ViTConfig:
@@ -38,18 +40,28 @@ class ViTConfig:
         return cfg
 
 
-def resize_position_embeddings(pos: torch.Tensor, grid_h: int, grid_w: int) -> torch.Tensor:
-    """(1, 1 + g*g, C) trained embeddings -> (1, 1 + grid_h*grid_w, C), CLS passed through."""
+def resize_position_embeddings(pos: torch.Tensor, grid_h: int, grid_w: int, offset: float = 0.1,
+                               antialias: bool = False) -> torch.Tensor:
+    """(1, 1 + g*g, C) trained embeddings -> (1, 1 + grid_h*grid_w, C), bicubic, CLS passed through.
+
+    ``offset`` is the DINO work-around each reference trained with: TripoSR (transformers 4.35) uses 0.1,
+    OpenLRM's DINOv2 0.0; ``antialias`` is on for DINOv2 with registers.
+    """
     cls_pos, patch_pos = pos[:, :1], pos[:, 1:]
     trained = int(math.sqrt(patch_pos.shape[1]))
     if grid_h == trained and grid_w == trained:
         return pos
     dim = patch_pos.shape[-1]
     grid = patch_pos.reshape(1, trained, trained, dim).permute(0, 3, 1, 2)
-    # The +0.1 and the use of a scale factor (not a size) reproduce transformers 4.35 exactly: PyTorch maps
-    # output pixel d to source (d + 0.5) * trained / (grid + 0.1) - 0.5.
-    grid = F.interpolate(grid, scale_factor=((grid_h + 0.1) / trained, (grid_w + 0.1) / trained),
-                         mode="bicubic", align_corners=False)
+    if offset:
+        # The offset only works through a scale factor (not a size): PyTorch then maps output pixel d to
+        # source (d + 0.5) * trained / (grid + offset) - 0.5, as transformers 4.35 did.
+        grid = F.interpolate(grid, scale_factor=((grid_h + offset) / trained, (grid_w + offset) / trained),
+                             mode="bicubic", align_corners=False, antialias=antialias)
+    else:
+        # A scale factor of grid/trained maps pixels exactly like this size, but its float rounding of the
+        # output size is one short for some grids (39, 43, 78, ...).
+        grid = F.interpolate(grid, size=(grid_h, grid_w), mode="bicubic", align_corners=False, antialias=antialias)
     if grid.shape[-2:] != (grid_h, grid_w):
         raise ValueError(f"position-embedding resize gave {tuple(grid.shape[-2:])}, expected {(grid_h, grid_w)}")
     return torch.cat([cls_pos, grid.permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, dim)], dim=1)
@@ -98,13 +110,7 @@ class _SelfAttention(nn.Module):
         self.value = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=cfg.qkv_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, c = x.shape
-
-        def split(t):
-            return t.view(b, n, self.heads, c // self.heads).transpose(1, 2)
-
-        out = F.scaled_dot_product_attention(split(self.query(x)), split(self.key(x)), split(self.value(x)))
-        return out.transpose(1, 2).reshape(b, n, c)
+        return multihead_attention(self.query(x), self.key(x), self.value(x), self.heads)
 
 
 class _Attention(nn.Module):

@@ -1,9 +1,13 @@
-"""Add-on preferences: the backend Python, the model folder, the default device."""
+"""Add-on preferences: the backend environment (state, install, use an existing Python), the models
+(where they are, downloads, licences), the default device."""
+
+import os
 
 import bpy
 from bpy.props import EnumProperty, StringProperty
 
-from . import session
+from . import catalog, environment, session
+from .backend.hub import human_size
 
 DEVICE_ITEMS = (
     ("auto", "Auto", "CUDA if available, then Apple Metal, then the CPU"),
@@ -12,6 +16,59 @@ DEVICE_ITEMS = (
     ("mps", "Apple Metal", "Run on the Apple GPU"),
 )
 
+TORCH_BUILD_ITEMS = (
+    ("auto", "Auto", "Detected: CUDA with an NVIDIA driver, ROCm on Linux with AMD's ROCm, Apple Metal on "
+                     "Apple Silicon, else CPU"),
+    ("cuda", "CUDA", "NVIDIA GPUs (about 5 GB to download and install)"),
+    ("rocm", "ROCm", "AMD GPUs on Linux"),
+    ("mps", "Apple Metal", "Apple Silicon"),
+    ("cpu", "CPU", "No GPU (smallest download)"),
+)
+
+LEVEL_ICONS = {"OK": "CHECKMARK", "WARNING": "ERROR", "ERROR": "CANCEL"}
+WHERE_LABELS = {"folder": "in the Model Folder", "store": "downloaded", "cache": "in the Hugging Face cache"}
+
+
+def wrapped(layout, text: str, width: int = 90, icon: str = "NONE"):
+    line = ""
+    first = True
+    for word in text.split():
+        if line and len(line) + 1 + len(word) > width:
+            layout.label(text=line, icon=icon if first else "BLANK1")
+            first, line = False, word
+        else:
+            line = f"{line} {word}".strip()
+    if line:
+        layout.label(text=line, icon=icon if first else ("BLANK1" if icon != "NONE" else "NONE"))
+
+
+def draw_task_progress(layout, task, text: str):
+    row = layout.row(align=True)
+    if hasattr(row, "progress"):  # Blender 4.0+
+        row.progress(factor=task.fraction, type="BAR", text=text)
+    else:
+        row.label(text=text)
+    op = row.operator("image_to_3d.cancel_task", text="", icon="CANCEL")
+    op.key = task.key
+
+
+def draw_outcome(layout, key: str):
+    outcome = environment.OUTCOMES.get(key)
+    if not outcome:
+        return
+    box = layout.box()
+    box.alert = outcome["level"] == "ERROR"
+    wrapped(box, outcome["message"], icon="ERROR" if outcome["level"] == "ERROR" else "INFO")
+    if outcome.get("hint"):
+        wrapped(box, outcome["hint"], icon="BLANK1")
+
+
+def download_text(task) -> str:
+    total = f" of {human_size(task.bytes_total)}" if task.bytes_total else (
+        f" of about {human_size(task.expected_total)}" if task.expected_total else "")
+    rate = f" at {human_size(int(task.rate))}/s" if task.rate else ""
+    return f"{human_size(task.bytes_done)}{total}{rate}" if task.bytes_done else "Connecting…"
+
 
 class ImageTo3DPreferences(bpy.types.AddonPreferences):
     bl_idname = __package__
@@ -19,30 +76,117 @@ class ImageTo3DPreferences(bpy.types.AddonPreferences):
     backend_python: StringProperty(
         name="Backend Python",
         description="Python interpreter with torch and the backend requirements installed, which runs the "
-                    "models in a separate process",
+                    "models in a separate process (Install Backend sets it)",
         subtype="FILE_PATH",
         default=session.default_backend_python(),
     )
     weights_dir: StringProperty(
         name="Model Folder",
-        description="Folder with the model files: either one model's folder (config.yaml, model.ckpt) or a "
-                    "folder holding one sub-folder per model id (e.g. triposr/). Empty: the Hugging Face cache",
+        description="Your own folder with model files: either one model's folder (e.g. config.yaml, model.ckpt) "
+                    "or a folder holding one sub-folder per model id (e.g. triposr/). Searched first; then the "
+                    "extension's model store (where Download puts files), then the Hugging Face cache",
         subtype="DIR_PATH",
         default="",
     )
     device: EnumProperty(name="Device", description="Where the models run by default", items=DEVICE_ITEMS,
                          default="auto")
+    torch_build: EnumProperty(name="PyTorch Build", description="Which PyTorch Install Backend installs",
+                              items=TORCH_BUILD_ITEMS, default="auto")
+    package_index_url: StringProperty(
+        name="Package Index URL",
+        description="Package index (a mirror or proxy) for the backend's requirements, passed to pip as "
+                    "--index-url. Empty: pip's default", default="")
+    torch_index_url: StringProperty(
+        name="PyTorch Index URL",
+        description="Package index for PyTorch. Empty: PyTorch's own index for the chosen build; 'pip': pip's "
+                    "own configuration", default="")
+    hf_token: StringProperty(
+        name="Access Token",
+        description="Hugging Face access token, for gated model repositories (optional). Given to the download "
+                    "and backend processes in their environment (HF_TOKEN), never on a command line",
+        subtype="PASSWORD", default="")
 
     def draw(self, context):
         layout = self.layout
-        layout.prop(self, "backend_python")
-        if not backend_python(context):
-            box = layout.box()
-            box.label(text="No backend Python set.", icon="ERROR")
-            box.label(text="Run 'make venv' in the extension folder, or pick a Python 3.10+ with torch")
-            box.label(text="and the packages of backend/requirements.txt installed.")
-        layout.prop(self, "weights_dir")
-        layout.prop(self, "device")
+        prefs = get(context) or self  # the stored preferences (tests call draw with a stand-in self)
+        draw_backend(prefs, layout.box(), context)
+        draw_models(prefs, layout.box(), context)
+        layout.prop(prefs, "device")
+
+
+def draw_backend(prefs, box, context):
+    box.label(text="Backend Environment", icon="CONSOLE")
+    box.prop(prefs, "backend_python")
+    python = backend_python(context)
+    check = environment.check_of(python)
+    if environment.running("check"):
+        box.label(text="Checking the backend Python…", icon="SORTTIME")
+    elif not python:
+        box.label(text="No backend Python yet: click Install Backend (or Use Existing Python)", icon="ERROR")
+    elif not os.path.isfile(python):
+        box.label(text=f"Not found: {python}", icon="ERROR")
+    elif check is None:
+        box.label(text="Not checked yet: click Check", icon="QUESTION")
+    else:
+        box.label(text=check["line"], icon=LEVEL_ICONS[check["level"]])
+        for line in check["todo"]:
+            wrapped(box, line, icon="BLANK1")
+    row = box.row(align=True)
+    row.operator("image_to_3d.check_backend", icon="FILE_REFRESH")
+    row.operator("image_to_3d.install_backend", icon="IMPORT")
+    row.operator("image_to_3d.use_existing_python", icon="FILEBROWSER")
+    task = environment.running("install")
+    if task is not None:
+        draw_task_progress(box, task, f"{task.message or 'Starting'} {task.fraction:.0%}")
+    draw_outcome(box, "install")
+    draw_outcome(box, "use_existing")
+    col = box.column()
+    col.use_property_split = True
+    col.prop(prefs, "torch_build")
+    col.prop(prefs, "package_index_url")
+    col.prop(prefs, "torch_index_url")
+    col.label(text=f"Installs into {environment.backend_env_dir()}")
+
+
+def draw_models(prefs, box, context):
+    box.label(text="Models", icon="MESH_MONKEY")
+    box.prop(prefs, "weights_dir")
+    store = environment.model_store()
+    box.label(text=f"Model store (Download puts files here): {store}")
+    if not environment.online():
+        wrapped(box, environment.offline_reason() + ". Put the files into the folders named in the "
+                "messages, or allow online access.", icon="INTERNET_OFFLINE")
+    shown_notices = set()
+    for model_id, name in [(s.id, s.display_name) for s in catalog.specs()] + [(catalog.U2NET,
+                                                                              "Background removal (u2net)")]:
+        col = box.column(align=True)
+        row = col.row(align=True)
+        row.label(text=name)
+        where, folder = catalog.where_is(model_id, store, bpy.path.abspath(prefs.weights_dir)
+                                         if prefs.weights_dir else "")
+        key = f"download:{model_id}"
+        task = environment.running(key)
+        pending = model_id != catalog.U2NET and catalog.licence_pending(model_id)
+        if where:
+            row.label(text=f"Ready, {WHERE_LABELS[where]}", icon="CHECKMARK")
+        else:
+            kept = catalog.partial_bytes(model_id, store)
+            size = catalog.size_text(model_id)
+            row.label(text=f"Missing ({size}{f', {human_size(kept)} fetched' if kept else ''})", icon="BLANK1")
+        if task is not None:
+            draw_task_progress(col, task, download_text(task))
+        elif pending:
+            op = row.operator("image_to_3d.accept_licence", text="Accept Licence…")
+            op.model = model_id
+            lic = catalog.spec(model_id).licence
+            if lic not in shown_notices:
+                shown_notices.add(lic)
+                wrapped(col, catalog.licence_notice(model_id), icon="INFO")
+        elif not where:
+            op = row.operator("image_to_3d.download_model", text="Download", icon="IMPORT")
+            op.model = model_id
+        draw_outcome(col, key)
+    box.prop(prefs, "hf_token")
 
 
 def get(context=None):
@@ -52,10 +196,19 @@ def get(context=None):
 
 
 def backend_python(context=None) -> str:
-    """The interpreter to run the worker with: the preference, else the extension's own .venv."""
+    """The interpreter to run the worker with: the preference, else a development checkout's .venv, else
+    the managed environment if Install Backend made one."""
     prefs = get(context)
     path = bpy.path.abspath(prefs.backend_python) if prefs and prefs.backend_python else ""
-    return path or session.default_backend_python()
+    return path or session.default_backend_python() or managed_python()
+
+
+def managed_python() -> str:
+    env = environment.backend_env_dir()
+    for candidate in (env / "bin" / "python", env / "Scripts" / "python.exe"):
+        if candidate.is_file():
+            return str(candidate)
+    return ""
 
 
 def register():

@@ -1,24 +1,98 @@
-"""Generation settings and job status, at ``scene.image_to_3d``."""
+"""Generation settings and job status, at ``scene.image_to_3d``.
+
+The model list comes from the backend's registry. Resolution, threshold and foreground ratio follow the
+chosen model's own values until the user sets one (``use_custom_*``): then that value is sent, otherwise
+None, which the backend reads as "the model's default". Source size 0 means the model's.
+"""
 
 import bpy
 from bpy.props import BoolProperty, EnumProperty, FloatProperty, IntProperty, PointerProperty, StringProperty
 
+from . import catalog
 from .preferences import DEVICE_ITEMS
 
-# Blender-side list (the backend registry is not imported here: it is not stdlib-only).
-MODEL_ITEMS = (
-    ("triposr", "TripoSR", "Stability AI / Tripo: fast single-image reconstruction (MIT licence)"),
-)
+MODEL_ITEMS = tuple(catalog.model_items())
+DEFAULT_MODEL = "triposr"
+CUSTOMIZABLE = ("resolution", "threshold", "foreground_ratio")
+
+_applying_defaults = False  # set while the model's defaults are written: those writes are not the user's
+
+
+def apply_model_defaults(settings) -> None:
+    """Show the model's own values in every setting the user has not set."""
+    global _applying_defaults
+    values = catalog.defaults(settings.model)
+    _applying_defaults = True
+    try:
+        for name in CUSTOMIZABLE:
+            if not getattr(settings, f"use_custom_{name}") and getattr(settings, name) != values[name]:
+                setattr(settings, name, values[name])
+    finally:
+        _applying_defaults = False
+
+
+def _model_changed(self, context):
+    apply_model_defaults(self)
+
+
+def _marks_custom(name):
+    def update(self, context):
+        if not _applying_defaults and not getattr(self, f"use_custom_{name}"):
+            setattr(self, f"use_custom_{name}", True)
+    return update
+
+
+def _custom_toggled(self, context):
+    apply_model_defaults(self)  # unticked: back to the model's value
+
+
+def effective(settings) -> dict:
+    """The values the backend will use, the model's defaults filled in."""
+    values = catalog.defaults(settings.model)
+    out = {name: (getattr(settings, name) if getattr(settings, f"use_custom_{name}") else values[name])
+           for name in CUSTOMIZABLE}
+    out["source_size"] = settings.source_size or values["source_size"]
+    return out
+
+
+def source_size_problem(settings) -> str:
+    """Why the source size will be refused ('' when fine); the backend says the same."""
+    size = settings.source_size
+    patch = catalog.defaults(settings.model)["patch"]
+    if size == 0 or size % patch == 0:
+        return ""
+    lower = max(patch, size // patch * patch)
+    return f"Not a multiple of the encoder's {patch}-pixel patches: use {lower} or {lower + patch}"
 
 
 class ImageTo3DSettings(bpy.types.PropertyGroup):
     image: PointerProperty(name="Image", type=bpy.types.Image, description="The reference image")
-    model: EnumProperty(name="Model", items=MODEL_ITEMS, default="triposr")
-    resolution: IntProperty(name="Resolution", description="Marching-cubes grid size: more detail, more time",
-                            default=256, min=32, max=1024, soft_min=64, soft_max=512, step=32)
+    model: EnumProperty(name="Model", items=MODEL_ITEMS, default=DEFAULT_MODEL, update=_model_changed,
+                        description="The reconstruction model (its weights are downloaded once, in the preferences)")
+    resolution: IntProperty(name="Resolution", description="Marching-cubes grid size: more detail, more time "
+                                                           "(the model's own: TripoSR 256, OpenLRM 384)",
+                            default=256, min=32, max=1024, soft_min=64, soft_max=512, step=32,
+                            update=_marks_custom("resolution"))
+    use_custom_resolution: BoolProperty(name="Own Resolution", default=False, update=_custom_toggled,
+                                        description="Use this resolution instead of the model's own")
+    threshold: FloatProperty(name="Threshold", description="Density at which the surface is extracted: lower "
+                                                           "gives a fuller shape, higher a thinner one (the "
+                                                           "model's own: TripoSR 25, OpenLRM 3)",
+                             default=25.0, min=0.001, soft_max=100.0, precision=3, step=10,
+                             update=_marks_custom("threshold"))
+    use_custom_threshold: BoolProperty(name="Own Threshold", default=False, update=_custom_toggled,
+                                       description="Use this threshold instead of the model's own")
     foreground_ratio: FloatProperty(name="Foreground Ratio",
-                                    description="How much of the model's input square the object fills",
-                                    default=0.85, min=0.5, max=1.0, subtype="FACTOR")
+                                    description="How much of the model's input square the object fills "
+                                                "(the model's own: TripoSR 0.85, OpenLRM 0.8)",
+                                    default=0.85, min=0.5, max=1.0, subtype="FACTOR",
+                                    update=_marks_custom("foreground_ratio"))
+    use_custom_foreground_ratio: BoolProperty(name="Own Foreground Ratio", default=False, update=_custom_toggled,
+                                              description="Use this foreground ratio instead of the model's own")
+    source_size: IntProperty(name="Source Size", default=0, min=0, max=2048, subtype="PIXEL",
+                             description="Side in pixels of the image the encoder sees; 0: the model's own "
+                                         "(TripoSR 512; OpenLRM small 224, base 336, large 448). A multiple of "
+                                         "the encoder's patch: 16 for TripoSR, 14 for OpenLRM")
     remove_background: BoolProperty(name="Remove Background", default=True,
                                     description="Cut the object out of its background first (images without "
                                                 "transparency need this)")

@@ -14,17 +14,19 @@ from .backend.client import EXTENSION_ROOT, Job, Worker, default_env
 _worker: Worker | None = None
 
 
-def worker_for(python: str, temp_dir: str) -> Worker:
-    """The session's worker for this interpreter (a new one if the interpreter changed)."""
+def worker_for(python: str, temp_dir: str, env: dict | None = None) -> Worker:
+    """The session's worker for this interpreter and environment (a new one if either changed, e.g. the
+    model store, the token, or Allow Online Access)."""
     global _worker
     python = os.path.abspath(python)
-    if _worker is not None and (_worker.python != python or _worker.temp_dir != temp_dir):
+    env = env if env is not None else default_env(EXTENSION_ROOT)
+    if _worker is not None and (_worker.python != python or _worker.temp_dir != temp_dir or _worker.env != env):
         if _worker.busy:
             raise RuntimeError("a generation is already running")
         _worker.stop()
         _worker = None
     if _worker is None:
-        _worker = Worker(python, EXTENSION_ROOT, env=default_env(EXTENSION_ROOT), temp_dir=temp_dir)
+        _worker = Worker(python, EXTENSION_ROOT, env=env, temp_dir=temp_dir)
     return _worker
 
 

@@ -1,8 +1,8 @@
 """Operators, one per file; each module registers its own classes."""
 
-from . import cancel, free_memory, generate, image
+from . import backend_env, cancel, downloads, free_memory, generate, image
 
-MODULES = (image, generate, cancel, free_memory)
+MODULES = (image, generate, cancel, free_memory, downloads, backend_env)
 
 
 def register():

@@ -17,7 +17,7 @@ import time
 import bpy
 from bpy.props import BoolProperty
 
-from .. import import_mesh, preferences, session
+from .. import catalog, environment, import_mesh, preferences, properties, session
 from ..backend.client import CANCELLED, DONE
 from ..core import png
 
@@ -29,6 +29,11 @@ DEFAULT_HINTS = {
     "weights": "Check the Model Folder in the add-on preferences: it must hold the model's files",
     "bad_input": "Check the image and the generation settings",
     "internal": "The backend's log (Blender's console) has the details",
+}
+# Hints the backend words for its command line, said the Blender way.
+BLENDER_HINTS = {
+    "licence_not_accepted": "Accept the licence with the Accept Licence button in the Image to 3D panel (or in "
+                            "the add-on preferences); it is remembered",
 }
 
 TIMERS: dict = {}  # job id -> the registered timer function
@@ -69,22 +74,26 @@ def bpy_image_pixels(image, width, height):
 
 
 def model_folder(weights_dir: str, model: str) -> str | None:
-    """The preference names one model's folder, or a folder of per-model folders; None lets the backend
-    search its defaults (IMAGE_TO_3D_MODELS, the Hugging Face cache)."""
+    """The Model Folder preference for this model: its sub-folder named like the model id, or the folder
+    itself when it holds the model's files. None lets the backend search the model store, then the Hugging
+    Face cache (so a Model Folder holding only some models does not hide the others)."""
     if not weights_dir:
         return None
-    folder = bpy.path.abspath(weights_dir)
-    nested = os.path.join(folder, model)
-    return os.path.abspath(nested if os.path.isdir(nested) else folder)
+    folder = catalog.user_folder_for(model, bpy.path.abspath(weights_dir))
+    return os.path.abspath(folder) if folder is not None else None
 
 
 def job_options(settings, prefs) -> dict:
+    """What the worker is sent: None where the model's own default applies."""
     device = settings.device if settings.device != "DEFAULT" else (prefs.device if prefs else "auto")
     return {
         "model": settings.model,
         "weights": model_folder(prefs.weights_dir if prefs else "", settings.model),
-        "resolution": int(settings.resolution),
-        "foreground_ratio": round(float(settings.foreground_ratio), 4),
+        "resolution": int(settings.resolution) if settings.use_custom_resolution else None,
+        "threshold": round(float(settings.threshold), 6) if settings.use_custom_threshold else None,
+        "foreground_ratio": round(float(settings.foreground_ratio), 4) if settings.use_custom_foreground_ratio
+        else None,
+        "source_size": int(settings.source_size) or None,
         "remove_background": bool(settings.remove_background),
         "device": device,
     }
@@ -99,6 +108,9 @@ def why_not(context) -> str:
         return "A generation is already running"
     if settings.image is None:
         return "Choose an image first"
+    if catalog.licence_pending(settings.model):
+        spec = catalog.spec(settings.model)
+        return f"Accept the {spec.licence} licence of {spec.display_name} first (Accept Licence, in this panel)"
     python = preferences.backend_python(context)
     if not python:
         return "Set the backend Python in the add-on preferences (or run 'make venv')"
@@ -132,7 +144,8 @@ class IMAGE_TO_3D_OT_generate(bpy.types.Operator):
         options = job_options(settings, prefs)
         staging = None
         try:
-            worker = session.worker_for(preferences.backend_python(context), temp_root())
+            worker = session.worker_for(preferences.backend_python(context), temp_root(),
+                                        env=environment.process_env(prefs))
             os.makedirs(worker.temp_dir, exist_ok=True)
             staging = tempfile.mkdtemp(prefix="input-", dir=worker.temp_dir)
             image_path = image_file_for_worker(settings.image, staging)
@@ -150,8 +163,8 @@ class IMAGE_TO_3D_OT_generate(bpy.types.Operator):
             "view_layer": context.view_layer.name,
             "staging": staging,
             "started": time.monotonic(),
-            "settings": dict(options, image=settings.image.name, smooth_shading=bool(settings.smooth_shading),
-                             target_height=float(settings.target_height)),
+            "settings": dict(options, **properties.effective(settings), image=settings.image.name,
+                             smooth_shading=bool(settings.smooth_shading), target_height=float(settings.target_height)),
         }
         TIMERS[job.id] = functools.partial(tick, job.id)
         # persistent: the job is still followed (and its worker cleaned up) if another file is opened meanwhile
@@ -202,7 +215,8 @@ def tick(job_id: str):
             session.stop()  # a cancelled job leaves no worker behind (and frees its memory)
         else:
             settings.last_error = job.error["message"]
-            settings.last_hint = job.error.get("hint") or DEFAULT_HINTS.get(job.error.get("code"), "")
+            code = job.error.get("code")
+            settings.last_hint = (BLENDER_HINTS.get(code) or job.error.get("hint") or DEFAULT_HINTS.get(code, ""))
             print(f"Image to 3D: {job.error['code']}: {job.error['message']}\n--- backend log ---\n"
                   f"{worker.log_tail(40)}\n---")
     except Exception as exc:  # noqa: BLE001 - an import failure must reach the panel, not the console only

@@ -2,7 +2,7 @@
 
 import bpy
 
-from .. import preferences, session
+from .. import catalog, environment, preferences, properties, session
 
 STAGE_LABELS = {
     "removing_background": "Removing background",
@@ -62,6 +62,44 @@ def draw_outcome(layout, settings, context):
         box.label(text="See Preferences › Add-ons › Image to 3D")
 
 
+def draw_model(layout, settings, context):
+    """The model, its licence (Accept once) and whether its files are here."""
+    layout.prop(settings, "model")
+    model_id = settings.model
+    if catalog.licence_pending(model_id):
+        box = layout.box()
+        for i, line in enumerate(wrapped_lines(catalog.licence_notice(model_id))):
+            box.label(text=line, icon="INFO" if i == 0 else "BLANK1")
+        op = box.operator("image_to_3d.accept_licence", text="Accept Licence", icon="CHECKMARK")
+        op.model = model_id
+        return
+    prefs = preferences.get(context)
+    weights_dir = bpy.path.abspath(prefs.weights_dir) if prefs and prefs.weights_dir else ""
+    store = environment.model_store()
+    missing = [] if catalog.where_is(model_id, store, weights_dir)[0] else [(model_id, "Weights")]
+    if settings.remove_background and not catalog.where_is(catalog.U2NET, store)[0]:
+        missing.append((catalog.U2NET, "Background removal model"))
+    for file_id, what in missing:
+        row = layout.row()
+        row.label(text=f"{what} not downloaded ({catalog.size_text(file_id)})", icon="ERROR")
+        task = environment.running(f"download:{file_id}")
+        if task is not None:
+            row.label(text=f"Downloading {task.fraction:.0%}")
+        else:
+            op = row.operator("image_to_3d.download_model", text="Download", icon="IMPORT")
+            op.model = file_id
+
+
+def draw_value(layout, settings, name: str):
+    """A model-default value: dimmed while it follows the model, with a toggle to keep your own."""
+    row = layout.row(align=True)
+    sub = row.row(align=True)
+    sub.active = getattr(settings, f"use_custom_{name}")
+    sub.prop(settings, name)
+    row.prop(settings, f"use_custom_{name}", text="", icon="DECORATE_OVERRIDE" if getattr(
+        settings, f"use_custom_{name}") else "DECORATE_LINKED")
+
+
 class IMAGE_TO_3D_PT_sidebar(bpy.types.Panel):
     bl_label = "Image to 3D"
     bl_idname = "IMAGE_TO_3D_PT_sidebar"
@@ -76,10 +114,10 @@ class IMAGE_TO_3D_PT_sidebar(bpy.types.Panel):
             return
         draw_image(layout, settings)
 
+        draw_model(layout, settings, context)
         col = layout.column(align=True)
-        col.prop(settings, "model")
-        col.prop(settings, "resolution")
-        col.prop(settings, "foreground_ratio")
+        for name in properties.CUSTOMIZABLE:
+            draw_value(col, settings, name)
         col.prop(settings, "remove_background")
         col.prop(settings, "device")
         col = layout.column(align=True)
@@ -95,9 +133,40 @@ class IMAGE_TO_3D_PT_sidebar(bpy.types.Panel):
         layout.operator("image_to_3d.free_memory", icon="TRASH")
 
 
+class IMAGE_TO_3D_PT_advanced(bpy.types.Panel):
+    bl_label = "Advanced"
+    bl_idname = "IMAGE_TO_3D_PT_advanced"
+    bl_space_type = "VIEW_3D"
+    bl_region_type = "UI"
+    bl_category = "Image to 3D"
+    bl_parent_id = "IMAGE_TO_3D_PT_sidebar"
+    bl_options = {"DEFAULT_CLOSED"}
+
+    def draw(self, context):
+        layout = self.layout
+        settings = getattr(context.scene, "image_to_3d", None)
+        if settings is None:
+            return
+        layout.prop(settings, "source_size")
+        values = properties.effective(settings)
+        layout.label(text=f"Encoder input: {values['source_size']} px" if not settings.source_size
+                     else f"Model's own: {catalog.defaults(settings.model)['source_size']} px")
+        problem = properties.source_size_problem(settings)
+        if problem:
+            box = layout.box()
+            box.alert = True
+            for i, line in enumerate(wrapped_lines(problem)):
+                box.label(text=line, icon="ERROR" if i == 0 else "BLANK1")
+
+
+CLASSES = (IMAGE_TO_3D_PT_sidebar, IMAGE_TO_3D_PT_advanced)
+
+
 def register():
-    bpy.utils.register_class(IMAGE_TO_3D_PT_sidebar)
+    for cls in CLASSES:
+        bpy.utils.register_class(cls)
 
 
 def unregister():
-    bpy.utils.unregister_class(IMAGE_TO_3D_PT_sidebar)
+    for cls in reversed(CLASSES):
+        bpy.utils.unregister_class(cls)

@@ -14,6 +14,12 @@ from pathlib import Path
 if "BLENDER_USER_RESOURCES" not in os.environ:
     os.environ["BLENDER_USER_RESOURCES"] = tempfile.mkdtemp(prefix="image_to_3d-blender-user-")
     atexit.register(shutil.rmtree, os.environ["BLENDER_USER_RESOURCES"], True)
+# Hermetic: licence acceptances and the Hugging Face cache in temporary folders, never the user's.
+for _name, _prefix in (("IMAGE_TO_3D_CONFIG_DIR", "image_to_3d-config-"), ("HF_HOME", "image_to_3d-hf-")):
+    os.environ[_name] = tempfile.mkdtemp(prefix=_prefix)
+    atexit.register(shutil.rmtree, os.environ[_name], True)
+for _name in ("HF_TOKEN", "HF_ENDPOINT", "IMAGE_TO_3D_MODELS", "HF_HUB_OFFLINE", "IMAGE_TO_3D_OFFLINE"):
+    os.environ.pop(_name, None)
 
 import bpy  # noqa: E402  (first: it puts Blender's script modules on sys.path)
 import addon_utils  # noqa: E402
@@ -72,6 +78,18 @@ def settings(addon):
     settings.remove_background = False
     settings.foreground_ratio = 0.85
     return settings
+
+
+@pytest.fixture
+def config_dir(tmp_path, monkeypatch):
+    """A fresh licence config folder (nothing accepted), seen by Blender and every process it starts."""
+    folder = tmp_path / "config"
+    monkeypatch.setenv("IMAGE_TO_3D_CONFIG_DIR", str(folder))
+    return folder
+
+
+def prefs():
+    return bpy.context.preferences.addons[ADDON].preferences
 
 
 def addon_module(name: str):

@@ -253,9 +253,9 @@ def test_greyed_out_generate_says_why(settings):
 
 def test_panel_shows_the_settings(settings):
     layout = draw_panel()
-    props = [c.args[1] for c in layout.column.return_value.prop.call_args_list]
-    for name in ("model", "resolution", "foreground_ratio", "remove_background", "device", "smooth_shading",
-                 "target_height"):
+    props = [c.args[1] for c in layout.mock_calls if c[0].endswith("prop") and len(c.args) > 1]
+    for name in ("model", "resolution", "threshold", "foreground_ratio", "remove_background", "device",
+                 "smooth_shading", "target_height"):
         assert name in props
     assert layout.template_ID.call_args.args[1] == "image"
     assert layout.template_icon.called, "a thumbnail of the image"

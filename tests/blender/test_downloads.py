@@ -1,0 +1,166 @@
+"""The Download buttons against a stand-in hub on 127.0.0.1 (HF_ENDPOINT): the registry's own records, a
+file that fails verification, progress + Cancel + resume of a real-sized OpenLRM file, the access token in
+the environment only; and with Allow Online Access off, no process at all and the worker kept offline."""
+
+import shutil
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from unittest.mock import MagicMock
+
+import bpy
+import pytest
+
+from .conftest import addon_module, prefs
+from .stand_in_hub import StandInHub, Zeros
+
+SMALL = "openlrm-obj-small"
+
+
+def env():
+    return addon_module("environment")
+
+
+def registry():
+    return addon_module("backend.models.registry")
+
+
+def prefs_text() -> str:
+    layout = MagicMock()
+    type(prefs()).draw(SimpleNamespace(layout=layout), bpy.context)
+    labels = " ".join(str(c.kwargs.get("text", "")) for c in layout.mock_calls)
+    return labels + " " + " ".join(str(c) for c in layout.mock_calls)
+
+
+def download_processes() -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+                status = (entry / "status").read_text()
+            except OSError:
+                continue
+            if b"download" in cmdline and b"backend" in cmdline and "State:\tZ" not in status:
+                found.append(int(entry.name))
+    return found
+
+
+@pytest.fixture
+def store(addon):
+    folder = env().model_store()
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+    env().OUTCOMES.clear()
+
+
+@pytest.fixture
+def online(addon):
+    bpy.context.preferences.system.use_online_access = True
+    assert bpy.app.online_access
+    yield
+    bpy.context.preferences.system.use_online_access = False
+
+
+def test_offline_the_download_button_is_greyed_out_and_starts_nothing(addon, store):
+    assert not bpy.app.online_access  # bpy's default, as Blender's until the user allows it
+    assert not bpy.ops.image_to_3d.download_model.poll()
+    with pytest.raises(RuntimeError, match="Allow Online Access is off"):
+        bpy.ops.image_to_3d.download_model(model="triposr")
+    assert env().TASKS == {} and download_processes() == []
+    assert not bpy.ops.image_to_3d.install_backend.poll()
+    text = prefs_text()
+    assert "Allow Online Access is off" in text and "image_to_3d.download_model" in text
+    assert f"Model store (Download puts files here): {store}" in text
+
+
+def sidebar_text() -> str:
+    layout = MagicMock()
+    bpy.types.IMAGE_TO_3D_PT_sidebar.draw(SimpleNamespace(layout=layout), bpy.context)
+    return " ".join(str(c) for c in layout.mock_calls)
+
+
+def test_offline_generation_with_missing_files_names_them(settings, store):
+    prefs().weights_dir = ""  # nothing in the Model Folder, the store or the (empty) HF cache
+    text = sidebar_text()
+    assert "Weights not downloaded (1.7 GB)" in text and "image_to_3d.download_model" in text
+    settings.remove_background = True
+    assert "Background removal model not downloaded (about 176.0 MB)" in sidebar_text()
+    settings.remove_background = False
+    with pytest.raises(RuntimeError, match="weights not found"):
+        bpy.ops.image_to_3d.generate()
+    assert str(store / "triposr") in settings.last_error
+    hint = settings.last_hint
+    assert "config.yaml (987 B)" in hint and "model.ckpt (1.7 GB)" in hint and str(store / "triposr") in hint
+    worker_env = addon_module("session").current().env
+    assert worker_env["HF_HUB_OFFLINE"] == "1" and worker_env["IMAGE_TO_3D_OFFLINE"] == "1"
+    assert worker_env["IMAGE_TO_3D_MODELS"] == str(store)
+
+
+def test_a_file_that_fails_verification_is_rejected_in_the_ui(addon, store, online, monkeypatch):
+    path = f"/stabilityai/TripoSR/resolve/{registry().TRIPOSR_REVISION}/config.yaml"
+    with StandInHub({path: b"#" * 987}) as hub:  # the right size, the wrong bytes
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        with pytest.raises(RuntimeError, match="failed its checksum"):
+            bpy.ops.image_to_3d.download_model(model="triposr")
+    assert [r[0] for r in hub.requests] == [path]
+    outcome = env().OUTCOMES["download:triposr"]
+    assert outcome["level"] == "ERROR" and "removed, never loaded" in outcome["message"]
+    assert "download it again" in outcome["hint"]
+    assert list((store / "triposr").iterdir()) == []
+    assert "failed its checksum" in prefs_text()
+    assert env().TASKS == {} and download_processes() == []
+
+
+def test_download_progress_cancel_and_resume(addon, store, online, config_dir, monkeypatch):
+    spec = registry().MODELS[SMALL]
+    config, weights = spec.files
+    base = f"/{spec.repo}/resolve/{config.revision}"
+    key = f"download:{SMALL}"
+    with StandInHub({f"{base}/config.json": b'{"encoder_type": "dinov2"}',
+                     f"{base}/model.safetensors": Zeros(weights.size)}) as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        prefs().hf_token = "hf_secret_token"
+
+        with pytest.raises(RuntimeError, match="Accept the licence"):  # before the first download
+            bpy.ops.image_to_3d.download_model(model=SMALL)
+        assert hub.requests == [] and env().TASKS == {}
+        assert "image_to_3d.accept_licence" in prefs_text()
+        assert bpy.ops.image_to_3d.accept_licence(model=SMALL) == {"FINISHED"}
+
+        hub.delay = 0.01  # slow enough to cancel mid-way
+        assert bpy.ops.image_to_3d.download_model(model=SMALL, run_async=True) == {"FINISHED"}
+        task = env().TASKS[key]
+        assert "hf_secret_token" not in " ".join(task.args) and task.env["HF_TOKEN"] == "hf_secret_token"
+        assert bpy.app.timers.is_registered(env().tick)
+        deadline = time.monotonic() + 60
+        while task.bytes_done < 30 * 2**20:
+            assert env().tick() is not None and time.monotonic() < deadline, task
+            time.sleep(0.05)
+        assert task.rate > 0 and 0 < task.fraction < 1
+        text = prefs_text()
+        assert "of about 445.6 MB at" in text and "image_to_3d.cancel_task" in text
+
+        assert bpy.ops.image_to_3d.cancel_task(key=key) == {"FINISHED"}
+        assert task.state == "cancelled" and download_processes() == []
+        partial = store / SMALL / "model.safetensors.partial"
+        kept = partial.stat().st_size
+        assert kept >= 30 * 2**20 and not (store / SMALL / "model.safetensors").exists()
+        assert env().OUTCOMES[key]["message"].startswith("Cancelled;")
+        assert "fetched" in prefs_text()
+        if bpy.app.timers.is_registered(env().tick):
+            bpy.app.timers.unregister(env().tick)
+
+        hub.delay = 0.0
+        assert bpy.ops.image_to_3d.download_model(model=SMALL) == {"FINISHED"}
+        got = [r for r in hub.requests if r[0].endswith("model.safetensors")]
+        assert got[-1][1] is not None and int(got[-1][1][6:].rstrip("-")) >= kept  # resumed with a Range request
+        assert all(r[2] == "Bearer hf_secret_token" for r in hub.requests)
+    assert (store / SMALL / "model.safetensors").stat().st_size == weights.size and not partial.exists()
+    assert (store / "checksums.json").is_file()  # the sha256 recorded on first download, enforced from then on
+    assert env().OUTCOMES[key]["message"] == "Downloaded and verified"
+    assert addon_module("catalog").where_is(SMALL, store)[0] == "store"
+    assert "Ready, downloaded" in prefs_text()
+    prefs().hf_token = ""

@@ -11,11 +11,6 @@ from pathlib import Path
 from .backend import hub, licences
 from .backend.models import registry
 
-# Defaults the registry does not record: the preprocessing recipe's foreground ratio (mirrors
-# backend/preprocess.py DEFAULT_FOREGROUND_RATIO, which needs numpy + PIL) and the encoder's patch size.
-FOREGROUND_RATIO = {"triposr": 0.85, "openlrm": 0.8}
-PATCH_SIZE = {"triposr": 16, "openlrm": 14}
-
 U2NET = "u2net"
 U2NET_SIZE = 176 * 10**6  # about; rembg publishes no size (its md5 is checked)
 
@@ -46,9 +41,9 @@ def defaults(model_id: str) -> dict:
     return {
         "resolution": s.default_resolution,
         "threshold": s.default_threshold,
-        "foreground_ratio": FOREGROUND_RATIO.get(s.preprocessing, 0.85),
+        "foreground_ratio": s.default_foreground_ratio,
         "source_size": s.default_source_size or 0,
-        "patch": PATCH_SIZE.get(s.preprocessing, 1),
+        "patch": s.patch_size,
     }
 
 

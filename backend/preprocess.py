@@ -269,7 +269,6 @@ def pad_to_square(rgb: np.ndarray, value: int = GRAY) -> np.ndarray:
 
 
 RECIPES = ("triposr", "openlrm")
-DEFAULT_FOREGROUND_RATIO = {"triposr": 0.85, "openlrm": 0.8}  # OpenLRM: border ratio 0.2
 
 
 def prepare(image: Image.Image, *, recipe: str = "triposr", remove_background: bool = True,
@@ -291,7 +290,9 @@ def prepare(image: Image.Image, *, recipe: str = "triposr", remove_background: b
     """
     if recipe not in RECIPES:
         raise ValueError(f"unknown preprocessing recipe {recipe!r}")
-    ratio = DEFAULT_FOREGROUND_RATIO[recipe] if foreground_ratio is None else float(foreground_ratio)
+    from .models.registry import FOREGROUND_RATIO
+
+    ratio = FOREGROUND_RATIO[recipe] if foreground_ratio is None else float(foreground_ratio)
     _check_ratio(ratio)
     real_alpha = has_real_alpha(image)
     if not real_alpha and not remove_background:

@@ -10,7 +10,6 @@ import time
 
 from support import ROOT
 
-from backend import preprocess
 from backend.models import registry
 from core.tasks import CANCELLED, DONE, FAILED, Task
 
@@ -29,7 +28,6 @@ def extension():
 
 def test_catalogue_mirrors_the_backend_defaults():
     catalog = extension()
-    assert catalog.FOREGROUND_RATIO == preprocess.DEFAULT_FOREGROUND_RATIO
     assert [i[0] for i in catalog.model_items()] == list(registry.MODELS)
     assert catalog.defaults("triposr") == {"resolution": 256, "threshold": 25.0, "foreground_ratio": 0.85,
                                            "source_size": 512, "patch": 16}

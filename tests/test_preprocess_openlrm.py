@@ -92,7 +92,9 @@ def test_foreground_ratio_sets_the_object_size():
 
 
 def test_default_foreground_ratio_per_recipe():
-    assert pp.DEFAULT_FOREGROUND_RATIO == {"triposr": 0.85, "openlrm": 0.8}
+    from backend.models.registry import FOREGROUND_RATIO
+
+    assert FOREGROUND_RATIO == {"triposr": 0.85, "openlrm": 0.8}
     with pytest.raises(ValueError, match="unknown preprocessing recipe"):
         pp.prepare(Image.new("RGB", (8, 8)), recipe="nope")
 

@@ -33,6 +33,11 @@ class ModelSpec:
     # its config, OpenLRM's loader is given it) unless Options.source_size says otherwise.
     default_source_size: Optional[int] = None
     preprocessing: str = "triposr"  # recipe in ..preprocess
+    patch_size: int = 16  # the encoder's patch: a source size must be a multiple of it
+
+    @property
+    def default_foreground_ratio(self) -> float:
+        return FOREGROUND_RATIO[self.preprocessing]
 
     @property
     def file_names(self) -> tuple:
@@ -59,6 +64,9 @@ def _openlrm_loader(source_size: int):
     return load
 
 
+# How much of the frame the object fills, per preprocessing recipe (OpenLRM: a border ratio of 0.2).
+FOREGROUND_RATIO = {"triposr": 0.85, "openlrm": 0.8}
+
 TRIPOSR_REVISION = "5b521936b01fbe1890f6f9baed0254ab6351c04a"
 
 # OpenLRM v1.1, zxhezexin/openlrm-{obj,mix}-{size}-1.1: "obj" trained on Objaverse, "mix" on Objaverse +
@@ -78,7 +86,7 @@ def _openlrm_specs():
                 (RemoteFile(repo, OPENLRM_REVISION, "config.json"),
                  RemoteFile(repo, OPENLRM_REVISION, "model.safetensors", weight_bytes)),
                 "CC-BY-NC-4.0", 384, 3.0, _openlrm_loader(source_size), default_source_size=source_size,
-                preprocessing="openlrm")
+                preprocessing="openlrm", patch_size=14)
 
 
 MODELS = {

@@ -29,7 +29,6 @@ import time
 import traceback
 from pathlib import Path
 
-from . import __version__
 from .errors import BackendError, Cancelled, InputError
 
 RESULT_NAME = "mesh.npz"
@@ -120,29 +119,11 @@ def read_requests(stream, control: JobControl, events: EventWriter) -> None:
 
 
 def describe_runtime() -> dict:
-    """Versions, devices and memory for the ``ready`` event (never fails: a worker without torch still
-    starts and reports the problem on the first job)."""
-    info = {"pid": os.getpid(), "python": sys.version.split()[0], "backend": __version__}
-    try:
-        import torch
+    """Versions, devices and memory for the ``ready`` event: ``python -m backend check``'s report (it never
+    fails: a worker without torch still starts and reports the problem on the first job)."""
+    from . import check
 
-        info["torch"] = torch.__version__
-        info["cuda"] = bool(torch.cuda.is_available())
-        if info["cuda"]:
-            info["cuda_device"] = torch.cuda.get_device_name(0)
-            info["cuda_memory_bytes"] = int(torch.cuda.get_device_properties(0).total_memory)
-        mps = getattr(torch.backends, "mps", None)
-        info["mps"] = bool(mps and mps.is_available())
-    except Exception as exc:  # noqa: BLE001 - reported, not fatal
-        info["torch"] = None
-        info["torch_error"] = f"{type(exc).__name__}: {exc}"
-    try:
-        import psutil
-
-        info["memory_bytes"] = int(psutil.virtual_memory().total)
-    except Exception:  # noqa: BLE001 - optional
-        pass
-    return info
+    return {"pid": os.getpid(), **check.report()}
 
 
 class ProgressThrottle:

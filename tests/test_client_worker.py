@@ -259,6 +259,6 @@ def test_a_backend_without_torch_says_which_package_is_missing(tmp_path):
         job = w.submit(str(IMAGE), FAST)
         assert w.wait(60).state == wire.ERROR
         assert job.error["code"] == "missing_package" and "torch" in job.error["message"]
-        assert w.ready_info["torch"] is None
+        assert "torch" in w.ready_info["missing"] and "error" in w.ready_info["torch"]
     finally:
         w.stop()

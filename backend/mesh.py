@@ -37,6 +37,12 @@ class Mesh:
             raise ValueError("one colour per vertex expected")
 
 
+def truncate_to_bytes(colors: np.ndarray) -> np.ndarray:
+    """Colours as the LRM references export them, ``(rgb * 255).astype(uint8)``: truncated, not rounded.
+    Kept as k/255, which every writer maps back to byte k."""
+    return np.floor(np.clip(colors, 0.0, 1.0) * np.float32(255.0)) / np.float32(255.0)
+
+
 def load_npz(path) -> Mesh:
     with np.load(path) as data:
         return Mesh(data["vertices"], data["faces"], data["colors"])

@@ -87,7 +87,7 @@ def test_grid_and_mesh_match_reference(variant, resolution):
     gap = max(cKDTree(ref_vertices).query(vertices)[0].max(), cKDTree(vertices).query(ref_vertices)[0].max())
     assert gap <= 1e-4
     _, colors = field.query(torch.from_numpy(vertices.astype(np.float32)))
-    ours = np.rint(openlrm.truncate_to_bytes(colors.numpy()) * 255).astype(int)
+    ours = np.rint(meshio.truncate_to_bytes(colors.numpy()) * 255).astype(int)
     ref = e[f"mesh{resolution}_vertex_colors"][cKDTree(ref_vertices).query(vertices)[1]].astype(int)
     assert np.abs(ours - ref).max() <= 1
 
@@ -109,7 +109,7 @@ def test_reconstruct_from_the_image_file(variant):
 def test_truncate_to_bytes_keeps_the_reference_bytes():
     rgb = np.array([[-0.001, 0.5, 1.001], [0.9999, 0.00392, 0.00393]], np.float32)
     ref = (rgb * 255).astype(np.uint8)  # what the reference exports (negative values truncate to 0)
-    stored = openlrm.truncate_to_bytes(rgb)
+    stored = meshio.truncate_to_bytes(rgb)
     assert stored.min() >= 0 and stored.max() <= 1
     assert (meshio._colors_u8(meshio.Mesh(np.zeros((2, 3)), np.zeros((0, 3)), stored)) == ref).all()
 

@@ -18,7 +18,8 @@ from torch import nn
 from ..errors import WeightsError
 
 
-def load_torch_file(path: Path) -> dict:
+def load_torch_file(path: Path, entry: str | None = None) -> dict:
+    """``entry``: the state dict is that item of a dict (e.g. Lightning's ``{'state_dict': ...}``)."""
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"weight file not found: {path}")
@@ -28,6 +29,11 @@ def load_torch_file(path: Path) -> dict:
         raise WeightsError(
             f"{path.name} could not be read as a PyTorch checkpoint ({_first_line(e)})",
             hint="The file is corrupt, incomplete or not the official one: download it again.") from e
+    if entry is not None:
+        if not isinstance(data, dict) or entry not in data:
+            raise WeightsError(f"{path.name} has no {entry!r} entry",
+                               hint="The file is not the official checkpoint: download it again.")
+        data = data[entry]
     if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
         raise WeightsError(f"{path.name} does not hold a plain state dict of tensors")
     return data
@@ -82,3 +88,11 @@ def assign_weights(model: nn.Module, state: dict, source: str) -> nn.Module:
 def _first_line(e: Exception) -> str:
     text = str(e).strip().splitlines()
     return text[0][:200] if text else type(e).__name__
+
+
+def named(**children: nn.Module) -> nn.Module:
+    """A module holding ``children`` under these names: only there to give the checkpoint's key names."""
+    holder = nn.Module()
+    for name, child in children.items():
+        holder.add_module(name, child)
+    return holder

@@ -20,10 +20,10 @@ from torch import nn
 
 from .. import surface
 from ..errors import WeightsError
-from ..mesh import Mesh
-from .checkpoint import assign_weights, load_safetensors_file
+from ..mesh import Mesh, truncate_to_bytes
+from .checkpoint import assign_weights, load_safetensors_file, named
 from .dinov2 import KNOWN_BACKBONES, DinoV2, DinoV2Config
-from .lrm_transformer import TransformerDecoder
+from .lrm_transformer import TransformerDecoder, upsample_triplanes
 from .triplane import EG3D_PLANE_AXES, TriplaneField, mlp_layers
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
@@ -111,14 +111,6 @@ def source_camera(distance: float = SOURCE_CAMERA_DISTANCE) -> torch.Tensor:
     return torch.tensor([sum(pose, []) + [FOCAL, FOCAL, PRINCIPAL_POINT, PRINCIPAL_POINT]], dtype=torch.float32)
 
 
-def _named(**children: nn.Module) -> nn.Module:
-    """A module holding ``children`` under these names: only there to give the checkpoint's key names."""
-    holder = nn.Module()
-    for name, child in children.items():
-        holder.add_module(name, child)
-    return holder
-
-
 class OpenLRM(nn.Module):
     def __init__(self, cfg: OpenLRMConfig, default_source_size: Optional[int] = None):
         super().__init__()
@@ -128,12 +120,12 @@ class OpenLRM(nn.Module):
         dim, cam = cfg.transformer_dim, cfg.camera_embed_dim
         # Registered in the checkpoint's order.
         self.pos_embed = nn.Parameter(torch.randn(1, 3 * cfg.triplane_low_res ** 2, dim) * dim ** -0.5)
-        self.encoder = _named(model=DinoV2(cfg.encoder))
-        self.camera_embedder = _named(mlp=nn.Sequential(nn.Linear(16, cam), nn.SiLU(), nn.Linear(cam, cam)))
+        self.encoder = named(model=DinoV2(cfg.encoder))
+        self.camera_embedder = named(mlp=nn.Sequential(nn.Linear(16, cam), nn.SiLU(), nn.Linear(cam, cam)))
         self.transformer = TransformerDecoder(dim, cfg.transformer_layers, cfg.transformer_heads,
                                               cond_dim=cfg.encoder.embed_dim, mod_dim=cam)
         self.upsampler = nn.ConvTranspose2d(dim, cfg.triplane_dim, kernel_size=2, stride=2)
-        self.synthesizer = _named(decoder=_named(net=mlp_layers(
+        self.synthesizer = named(decoder=named(net=mlp_layers(
             3 * cfg.triplane_dim, DECODER_WIDTH, DECODER_HIDDEN_LAYERS, activation="relu")))
 
     @property
@@ -162,10 +154,7 @@ class OpenLRM(nn.Module):
     @torch.no_grad()
     def upsample(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (B, 3·P·P, D) -> triplanes (B, 3, C, 2P, 2P)."""
-        b, _, d = tokens.shape
-        p = self.cfg.triplane_low_res
-        planes = self.upsampler(tokens.view(b, 3, p, p, d).permute(0, 1, 4, 2, 3).reshape(b * 3, d, p, p))
-        return planes.view(b, 3, *planes.shape[1:])
+        return upsample_triplanes(self.upsampler, tokens, self.cfg.triplane_low_res)
 
     def field(self, planes: torch.Tensor) -> TriplaneField:
         """The density/colour field of one object, planes (3, C, H, W): EG3D's plane axes, density
@@ -191,12 +180,6 @@ class OpenLRM(nn.Module):
         return Mesh(vertices, faces, truncate_to_bytes(colors),
                     stats={"threshold": float(options.threshold), "resolution": int(options.resolution),
                            "source_size": size})
-
-
-def truncate_to_bytes(colors: np.ndarray) -> np.ndarray:
-    """The reference exports ``(rgb · 255).astype(uint8)``: truncated, not rounded. Keep exactly those
-    bytes (as k/255, which every writer maps back to k)."""
-    return np.floor(np.clip(colors, 0.0, 1.0) * np.float32(255.0)) / np.float32(255.0)
 
 
 def load(folder: Path, device: torch.device, default_source_size: Optional[int] = None) -> OpenLRM:

@@ -26,8 +26,10 @@ TRIPOSR_PLANE_AXES = ((0, 1), (0, 2), (1, 2))
 EG3D_PLANE_AXES = ((0, 1), (0, 2), (2, 1))  # OpenLRM (EG3D's corrected projection): the third plane is (z, y)
 
 
-def mlp_layers(in_channels: int, n_neurons: int, n_hidden_layers: int, activation: str = "silu") -> nn.Sequential:
-    """Linear + activation, ``n_hidden_layers`` times, then Linear -> (density, r, g, b): Linears at even indices."""
+def mlp_layers(in_channels: int, n_neurons: int, n_hidden_layers: int, activation: str = "silu",
+               out_channels: int = 4) -> nn.Sequential:
+    """Linear + activation, ``n_hidden_layers`` times, then Linear -> (density, r, g, b) by default: Linears
+    at even indices."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"unsupported decoder activation {activation!r}")
     act = ACTIVATIONS[activation]
@@ -35,7 +37,7 @@ def mlp_layers(in_channels: int, n_neurons: int, n_hidden_layers: int, activatio
     layers = [nn.Linear(in_channels, n_neurons), act(inplace=True)]
     for _ in range(n_hidden_layers - 1):
         layers += [nn.Linear(n_neurons, n_neurons), act(inplace=True)]
-    layers.append(nn.Linear(n_neurons, 4))
+    layers.append(nn.Linear(n_neurons, out_channels))
     return nn.Sequential(*layers)
 
 

@@ -124,42 +124,60 @@ class _Attention(nn.Module):
 
 
 class ViTLayer(nn.Module):
-    """Pre-LayerNorm block: x + attn(LN(x)), then x + MLP(LN(x))."""
+    """Pre-LayerNorm block: x + attn(LN(x)), then x + MLP(LN(x)).
 
-    def __init__(self, cfg: ViTConfig):
+    With ``mod_dim`` (InstantMesh's camera conditioning) each LayerNorm output is modulated by a
+    per-sample vector: ``adaLN_modulation`` = SiLU → Linear(mod_dim, 4·hidden), chunked into shift and
+    scale before the attention, then shift and scale before the MLP: LN(x)·(1 + scale) + shift. No gate.
+    """
+
+    def __init__(self, cfg: ViTConfig, mod_dim: int | None = None):
         super().__init__()
         self.attention = _Attention(cfg)
         self.intermediate = _Dense(cfg.hidden_size, cfg.intermediate_size)
         self.output = _Dense(cfg.intermediate_size, cfg.hidden_size)
         self.layernorm_before = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.layernorm_after = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        if mod_dim:
+            self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(mod_dim, 4 * cfg.hidden_size))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attention(self.layernorm_before(x))
-        return x + self.output.dense(F.gelu(self.intermediate.dense(self.layernorm_after(x))))
+    def forward(self, x: torch.Tensor, mod: torch.Tensor | None = None) -> torch.Tensor:
+        before = self.layernorm_before(x)
+        if mod is not None:
+            shift_msa, scale_msa, shift_mlp, scale_mlp = self.adaLN_modulation(mod)[:, None].chunk(4, dim=-1)
+            before = before * (1 + scale_msa) + shift_msa
+        x = x + self.attention(before)
+        after = self.layernorm_after(x)
+        if mod is not None:
+            after = after * (1 + scale_mlp) + shift_mlp
+        return x + self.output.dense(F.gelu(self.intermediate.dense(after)))
 
 
 class _Encoder(nn.Module):
-    def __init__(self, cfg: ViTConfig):
+    def __init__(self, cfg: ViTConfig, mod_dim: int | None = None):
         super().__init__()
-        self.layer = nn.ModuleList(ViTLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.layer = nn.ModuleList(ViTLayer(cfg, mod_dim) for _ in range(cfg.num_hidden_layers))
 
 
 class ViTModel(nn.Module):
-    """Returns the last hidden state (B, 1 + patches, C), CLS token first, after the final LayerNorm."""
+    """Returns the last hidden state (B, 1 + patches, C), CLS token first, after the final LayerNorm.
 
-    def __init__(self, cfg: ViTConfig):
+    ``mod_dim``: layers modulated by a (B, mod_dim) vector passed as ``mod`` (see :class:`ViTLayer`).
+    ``pooler``: whether the checkpoint holds the (unused) pooler (TripoSR's does, InstantMesh's does not).
+    """
+
+    def __init__(self, cfg: ViTConfig, mod_dim: int | None = None, pooler: bool = True):
         super().__init__()
         self.embeddings = ViTEmbeddings(cfg)
-        self.encoder = _Encoder(cfg)
+        self.encoder = _Encoder(cfg, mod_dim)
         self.layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        # The pooler is in the checkpoint but its output is never used.
-        self.pooler = _Dense(cfg.hidden_size, cfg.hidden_size)
+        if pooler:  # in the checkpoint, but its output is never used
+            self.pooler = _Dense(cfg.hidden_size, cfg.hidden_size)
 
-    def forward(self, pixels: torch.Tensor, check=None) -> torch.Tensor:
+    def forward(self, pixels: torch.Tensor, check=None, mod: torch.Tensor | None = None) -> torch.Tensor:
         x = self.embeddings(pixels)
         for layer in self.encoder.layer:
-            x = layer(x)
+            x = layer(x, mod)
             if check:
                 check()
         return self.layernorm(x)

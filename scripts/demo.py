@@ -4,8 +4,9 @@ Writes OUT/demo.blend, OUT/demo.glb (Blender's glTF exporter, vertex colours inc
 (a Workbench render with vertex colours, the camera framed on the object).
 
 Weights: IMAGE_TO_3D_WEIGHTS=DIR (a model folder in the official layout, e.g. the tiny test model
-tests/data/triposr_tiny), else the official TripoSR folder in IMAGE_TO_3D_MODELS/triposr or the Hugging Face
-cache. Without any, it stops at once and says how to get them.
+tests/data/triposr_tiny), else the official TripoSR files where the backend looks for them (the model store,
+the Hugging Face cache), else they are downloaded into the model store. When they cannot be had (offline,
+no network), it stops at once and says how to get them.
 """
 
 from __future__ import annotations
@@ -23,36 +24,39 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 ADDON_ID = "image_to_3d"
 REPO = "image_to_3d_demo"
-REQUIRED = ("config.yaml", "model.ckpt")
 
 
 def find_weights() -> Path:
+    """The model folder: IMAGE_TO_3D_WEIGHTS, else where the backend looks (model store, Hugging Face cache),
+    else a download of the official files into the model store. Fails fast when none of that works."""
+    sys.path.insert(0, str(ROOT))
+    from backend.errors import BackendError
+    from backend.hub import human_size
+    from backend.models import registry
+
+    spec = registry.get("triposr")
     named = os.environ.get("IMAGE_TO_3D_WEIGHTS")
-    if named:
-        folder = Path(named).expanduser().resolve()
-        missing = [f for f in REQUIRED if not (folder / f).is_file()]
-        if missing:
-            sys.exit(f"demo: IMAGE_TO_3D_WEIGHTS={named} lacks {', '.join(missing)}")
-        return folder
-    candidates = []
-    if os.environ.get("IMAGE_TO_3D_MODELS"):
-        candidates.append(Path(os.environ["IMAGE_TO_3D_MODELS"]) / "triposr")
-    hub = Path(os.environ.get("HF_HUB_CACHE")
-               or Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "hub")
-    snapshots = hub / "models--stabilityai--TripoSR" / "snapshots"
-    if snapshots.is_dir():
-        candidates += sorted(snapshots.iterdir(), reverse=True)
-    for folder in candidates:
-        if all((folder / f).is_file() for f in REQUIRED):
-            return folder
-    sys.exit(
-        "demo: the TripoSR weights were not found (looked in: "
-        + (", ".join(map(str, candidates)) or f"IMAGE_TO_3D_MODELS and {snapshots}") + ").\n"
-        "  Get config.yaml and model.ckpt from https://huggingface.co/stabilityai/TripoSR into a folder, then\n"
-        "    IMAGE_TO_3D_WEIGHTS=/that/folder make demo\n"
-        "  (or `huggingface-cli download stabilityai/TripoSR` on a machine that can reach the hub).\n"
-        "  To try the whole path with the tiny test model instead:\n"
-        "    IMAGE_TO_3D_WEIGHTS=tests/data/triposr_tiny make demo")
+    try:
+        return registry.find_folder(spec, named).resolve()
+    except BackendError as e:
+        if named:
+            sys.exit(f"demo: IMAGE_TO_3D_WEIGHTS: {e.message}")
+        print(f"demo: {e.message}; downloading them ({human_size(spec.download_size)}) into "
+              f"{registry.store_folder(spec)}", flush=True)
+    try:
+        return registry.fetch(spec.id, progress=_show_download).resolve()
+    except BackendError as e:
+        sys.exit(f"\ndemo: the TripoSR weights could not be had: {e.message}\n  {e.hint}\n"
+                 "  With a folder holding config.yaml and model.ckpt of https://huggingface.co/stabilityai/TripoSR:\n"
+                 "    IMAGE_TO_3D_WEIGHTS=/that/folder make demo\n"
+                 "  To try the whole path with the tiny test model instead:\n"
+                 "    IMAGE_TO_3D_WEIGHTS=tests/data/triposr_tiny make demo")
+
+
+def _show_download(done, total, rate):
+    from backend.hub import human_size
+
+    print(f"\r  {human_size(done)} of {human_size(total)} at {human_size(int(rate))}/s   ", end="", flush=True)
 
 
 def enable_addon(bpy, repo_dir: Path):

@@ -51,8 +51,8 @@ def test_interrupted_download_resumes_with_a_range_request(server, tmp_path):
     server.break_after[PATH] = 500_000
     dest = hub.download(record(), tmp_path / "model.ckpt")
     assert dest.read_bytes() == CKPT
-    assert server.requests[0] == (PATH, None)
-    assert server.requests[1] == (PATH, "bytes=500000-")
+    assert server.requests[0][:2] == (PATH, None)
+    assert server.requests[1][:2] == (PATH, "bytes=500000-")
 
 
 def test_cancelled_download_keeps_the_part_and_resumes_later(server, tmp_path):
@@ -69,7 +69,7 @@ def test_cancelled_download_keeps_the_part_and_resumes_later(server, tmp_path):
     assert not dest.exists() and partial.stat().st_size == hub.CHUNK
     hub.download(record(), dest)
     assert dest.read_bytes() == CKPT and not partial.exists()
-    assert server.requests[-1] == (PATH, f"bytes={hub.CHUNK}-")
+    assert server.requests[-1][:2] == (PATH, f"bytes={hub.CHUNK}-")
 
 
 def test_tampered_file_is_rejected_and_removed(server, tmp_path):
@@ -158,17 +158,9 @@ def test_http_errors_are_explained(server, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_token_is_sent_as_bearer(server, tmp_path, monkeypatch):
-    seen = {}
-    original = hub.urllib.request.urlopen
-
-    def spy(request, timeout):
-        seen.update(request.header_items())
-        return original(request, timeout=timeout)
-
-    monkeypatch.setattr(hub.urllib.request, "urlopen", spy)
+def test_token_is_sent_as_bearer(server, tmp_path):
     hub.download(record(), tmp_path / "model.ckpt", token="hf_secret")
-    assert seen["Authorization"] == "Bearer hf_secret"
+    assert server.requests[-1][2] == "Bearer hf_secret"
 
 
 def run_download(*args, env):

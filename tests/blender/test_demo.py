@@ -40,7 +40,30 @@ def test_demo_with_the_tiny_model_writes_blend_glb_and_png(tmp_path):
 
 
 def test_demo_without_weights_fails_fast_and_says_how_to_get_them(tmp_path):
-    r = run_demo(tmp_path / "out", {"HF_HOME": str(tmp_path / "hf"), "IMAGE_TO_3D_MODELS": str(tmp_path / "m")})
+    # Offline, so that the download it would try never reaches the real hub.
+    r = run_demo(tmp_path / "out", {"HF_HOME": str(tmp_path / "hf"), "IMAGE_TO_3D_MODELS": str(tmp_path / "m"),
+                                    "HF_HUB_OFFLINE": "1"})
     assert r.returncode != 0
+    assert "online access is off" in r.stderr and str(tmp_path / "m" / "triposr") in r.stderr
     assert "IMAGE_TO_3D_WEIGHTS" in r.stderr and "stabilityai/TripoSR" in r.stderr
-    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "out").exists() and not any((tmp_path / "m").rglob("*.partial"))
+
+
+def test_demo_downloads_the_weights_when_it_can(tmp_path):
+    """A stand-in hub on 127.0.0.1 serves files that are not the official ones: the download runs and the
+    files are refused (size/checksum), so the demo stops with that reason and keeps nothing."""
+    from hubserver import StandInHub
+
+    sys.path.insert(0, str(ROOT))  # the registry is standard-library only: the test reads the same records
+    try:
+        from backend.models import registry
+    finally:
+        sys.path.remove(str(ROOT))
+    spec = registry.get("triposr")
+    served = {f"/{f.repo}/resolve/{f.revision}/{f.path}": (TINY_MODEL / f.path).read_bytes() for f in spec.files}
+    with StandInHub(served) as hub:
+        r = run_demo(tmp_path / "out", {"HF_HOME": str(tmp_path / "hf"), "IMAGE_TO_3D_MODELS": str(tmp_path / "m"),
+                                        "HF_ENDPOINT": hub.url})
+    assert r.returncode != 0
+    assert "downloading them" in r.stdout and "instead of 987: removed" in r.stderr
+    assert hub.requests and [p for p in (tmp_path / "m").rglob("*") if p.is_file()] == []

@@ -12,7 +12,7 @@ import bpy
 import pytest
 
 from .conftest import addon_module, prefs
-from .stand_in_hub import StandInHub, Zeros
+from hubserver import StandInHub, Zeros
 
 SMALL = "openlrm-obj-small"
 

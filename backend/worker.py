@@ -157,8 +157,8 @@ def error_fields(exc: BaseException) -> dict:
     text = f"{type(exc).__name__}: {exc}"
     if isinstance(exc, ModuleNotFoundError):
         return {"code": "missing_package", "message": f"The backend Python lacks the package {exc.name!r}",
-                "hint": "Install torch and backend/requirements.txt into it (make venv does), or choose another "
-                        "Backend Python in the add-on preferences"}
+                "hint": "Run Install Backend in the add-on preferences (or install torch and "
+                        "backend/requirements.txt into that Python), or choose another Backend Python"}
     if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower():
         return {"code": "out_of_memory", "message": text,
                 "hint": "Try a lower resolution, or the CPU device; Free Memory releases what the backend holds"}

@@ -113,7 +113,7 @@ def why_not(context) -> str:
         return f"Accept the {spec.licence} licence of {spec.display_name} first (Accept Licence, in this panel)"
     python = preferences.backend_python(context)
     if not python:
-        return "Set the backend Python in the add-on preferences (or run 'make venv')"
+        return "Set up the backend first: Install Backend or Use Existing Python, in the add-on preferences"
     if not os.path.isfile(python):
         return f"Backend Python not found: {python}"
     return ""

@@ -23,7 +23,7 @@ def grid_coords(resolution: int, radius: float) -> torch.Tensor:
 
 def marching_cubes(field, resolution: int, threshold: float, on_fraction=None):
     """Triangulate ``field.grid_density`` at ``threshold``. Returns world vertices (N, 3) float64 and faces
-    (M, 3) int64, welded, in the field's frame. ``on_fraction(f)`` is called after each x slice (it may
+    (M, 3) int32, welded, in the field's frame. ``on_fraction(f)`` is called after each x slice (it may
     raise to cancel)."""
     coords = grid_coords(resolution, field.radius)
     per_slab = max(2, SLAB_BYTES // (resolution * resolution * 8))
@@ -36,7 +36,7 @@ def marching_cubes(field, resolution: int, threshold: float, on_fraction=None):
         if len(f):
             v[:, 0] += start
             verts.append(v)
-            faces.append(f.astype(np.int64) + n_verts)
+            faces.append(f.astype(np.int32) + np.int32(n_verts))  # int32: half the memory of a big mesh
             n_verts += len(v)
 
     for i, density in enumerate(field.grid_density(coords)):
@@ -49,7 +49,7 @@ def marching_cubes(field, resolution: int, threshold: float, on_fraction=None):
     if len(slab) >= 2:
         triangulate()
     if not faces:
-        return np.zeros((0, 3)), np.zeros((0, 3), dtype=np.int64)
+        return np.zeros((0, 3)), np.zeros((0, 3), dtype=np.int32)
     v, f = weld(np.concatenate(verts), np.concatenate(faces))
     return v / (resolution - 1) * (2 * field.radius) - field.radius, f
 
@@ -75,8 +75,10 @@ def weld(vertices: np.ndarray, faces: np.ndarray, decimals: int = 6):
     """Merge vertices equal to ``decimals`` (in grid units), drop faces that collapse and unused vertices.
     Vertices on a slice shared by two slabs, or snapped to a grid corner, arrive more than once."""
     _, first, inverse = np.unique(np.round(vertices, decimals), axis=0, return_index=True, return_inverse=True)
-    faces = inverse.reshape(-1)[faces]
+    faces = inverse.reshape(-1).astype(np.int32)[faces]
     keep = (faces[:, 0] != faces[:, 1]) & (faces[:, 1] != faces[:, 2]) & (faces[:, 0] != faces[:, 2])
     faces = faces[keep]
-    used, faces = np.unique(faces, return_inverse=True)
-    return vertices[first[used]], faces.reshape(-1, 3)
+    used = np.zeros(len(first), dtype=bool)
+    used[faces.reshape(-1)] = True
+    new_index = np.cumsum(used, dtype=np.int32) - 1  # old welded index -> index among the used ones
+    return vertices[first[used]], new_index[faces]

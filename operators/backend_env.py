@@ -198,13 +198,9 @@ class IMAGE_TO_3D_OT_cancel_task(bpy.types.Operator):
 CLASSES = (IMAGE_TO_3D_OT_check_backend, IMAGE_TO_3D_OT_use_existing_python, IMAGE_TO_3D_OT_install_backend,
            IMAGE_TO_3D_OT_cancel_task)
 
-
-def register():
-    for cls in CLASSES:
-        bpy.utils.register_class(cls)
+register, _unregister_classes = bpy.utils.register_classes_factory(CLASSES)
 
 
 def unregister():
-    environment.stop_all()
-    for cls in reversed(CLASSES):
-        bpy.utils.unregister_class(cls)
+    environment.stop_all()  # no install or check left running without its operator
+    _unregister_classes()

@@ -121,12 +121,4 @@ class IMAGE_TO_3D_OT_accept_licence(bpy.types.Operator):
 
 CLASSES = (IMAGE_TO_3D_OT_download_model, IMAGE_TO_3D_OT_accept_licence)
 
-
-def register():
-    for cls in CLASSES:
-        bpy.utils.register_class(cls)
-
-
-def unregister():
-    for cls in reversed(CLASSES):
-        bpy.utils.unregister_class(cls)
+register, unregister = bpy.utils.register_classes_factory(CLASSES)

@@ -61,12 +61,4 @@ class IMAGE_TO_3D_OT_use_editor_image(bpy.types.Operator):
 
 CLASSES = (IMAGE_TO_3D_OT_open_image, IMAGE_TO_3D_OT_use_editor_image)
 
-
-def register():
-    for cls in CLASSES:
-        bpy.utils.register_class(cls)
-
-
-def unregister():
-    for cls in reversed(CLASSES):
-        bpy.utils.unregister_class(cls)
+register, unregister = bpy.utils.register_classes_factory(CLASSES)

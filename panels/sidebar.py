@@ -161,12 +161,4 @@ class IMAGE_TO_3D_PT_advanced(bpy.types.Panel):
 
 CLASSES = (IMAGE_TO_3D_PT_sidebar, IMAGE_TO_3D_PT_advanced)
 
-
-def register():
-    for cls in CLASSES:
-        bpy.utils.register_class(cls)
-
-
-def unregister():
-    for cls in reversed(CLASSES):
-        bpy.utils.unregister_class(cls)
+register, unregister = bpy.utils.register_classes_factory(CLASSES)

@@ -16,7 +16,8 @@ U2NET_SIZE = 176 * 10**6  # about; rembg publishes no size (its md5 is checked)
 
 
 def specs():
-    return list(registry.MODELS.values())
+    """The models the panel offers: InstantMesh (two stages, diffusion) is command-line only for now."""
+    return registry.panel_models()
 
 
 def model_items():

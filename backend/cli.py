@@ -1,4 +1,5 @@
-"""Command line: ``python -m backend generate IMAGE -o OUT.{glb,ply,obj,npz}``; ``check`` (the environment as
+"""Command line: ``python -m backend generate IMAGE -o OUT.{glb,ply,obj,npz}`` (InstantMesh: also
+``generate --views GRID.png``, a ready-made six-view grid); ``check`` (the environment as
 JSON), ``install`` (a managed environment), ``serve`` (the worker Blender talks to).
 
 Exit status: 0 success, 2 bad input, 3 missing or invalid weights, 4 weights licence not accepted
@@ -24,11 +25,13 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m backend", description="Image to 3D backend")
     sub = p.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="reconstruct a coloured mesh from one image")
-    g.add_argument("input", help="image file (PNG/JPEG/WebP/TIFF...; RGBA with transparency skips background removal)")
+    g.add_argument("input", nargs="?",
+                   help="image file (PNG/JPEG/WebP/TIFF...; RGBA with transparency skips background removal); "
+                        "leave out with --views")
     g.add_argument("-o", "--output", required=True, help="output mesh, by extension: .glb .ply .obj .npz")
     g.add_argument("--model", default="triposr",
                    help="model id: triposr, openlrm-{obj,mix}-{small,base,large} or openlrm-{small,base,large} "
-                        "(the mix weights) (default: triposr)")
+                        "(the mix weights), instantmesh-{large,base} (default: triposr)")
     g.add_argument("--weights", metavar="DIR", help="model folder in the official layout")
     g.add_argument("--resolution", type=int,
                    help="marching-cubes grid, 32..1024 (default: the model's, 256 TripoSR, 384 OpenLRM)")
@@ -40,8 +43,16 @@ def _parser() -> argparse.ArgumentParser:
                    help="side in pixels of the image the encoder sees, a multiple of its patch size "
                         "(default: the model's: TripoSR 512; OpenLRM small 224, base 336, large 448)")
     g.add_argument("--accept-licence", action="store_true",
-                   help="accept the weights' licence where it restricts use (OpenLRM: CC BY-NC 4.0, "
+                   help="accept the weights' licence where it restricts use (OpenLRM, InstantMesh: CC BY-NC 4.0, "
                         "non-commercial); remembered, so needed once")
+    v = g.add_argument_group("multi-view models (instantmesh-*)")
+    v.add_argument("--views", metavar="GRID.png",
+                   help="a 960x640 grid of the six views (3 rows x 2 columns): reconstruct it directly, with no "
+                        "input image, background removal or view generation")
+    v.add_argument("--save-views", metavar="PATH.png", help="also write the generated six-view grid")
+    v.add_argument("--steps", type=int, metavar="N", help="diffusion steps, 1..500 (default 75)")
+    v.add_argument("--guidance", type=float, metavar="G", help="classifier-free guidance scale, 1..30 (default 4.0)")
+    v.add_argument("--seed", type=int, metavar="S", help="random seed of the view generation (default 42)")
     g.add_argument("--no-remove-background", dest="remove_background", action="store_false",
                    help="do not run background removal (an opaque image is used as given)")
     g.add_argument("--u2net", metavar="FILE", help="background-removal model file (default ~/.u2net/u2net.onnx)")
@@ -187,7 +198,8 @@ def _generate(args) -> int:
         options = Options(model=args.model, weights=args.weights, resolution=args.resolution,
                           threshold=args.threshold, foreground_ratio=args.foreground_ratio,
                           remove_background=args.remove_background, device=args.device, u2net_path=args.u2net,
-                          source_size=args.source_size)
+                          source_size=args.source_size, views=args.views, save_views=args.save_views,
+                          steps=args.steps, guidance=args.guidance, seed=args.seed)
         from .pipeline import generate
 
         mesh = generate(args.input, options, progress=_progress_printer(args.quiet or args.json))

@@ -36,8 +36,9 @@ LICENCES = {lic.id: lic for lic in (
     Licence("MIT", "MIT License", "https://opensource.org/license/mit", "Permissive.", False),
     Licence("CC-BY-NC-4.0", "Creative Commons Attribution-NonCommercial 4.0 International",
             "https://creativecommons.org/licenses/by-nc/4.0/",
-            "Non-commercial use only, with credit to the authors; the OpenLRM model card adds that the "
-            "weights are for research purposes and cannot be used commercially.", True),
+            "Non-commercial use only, with credit to the authors. OpenLRM's model card adds that its "
+            "weights are for research purposes and cannot be used commercially; InstantMesh's view generator "
+            "derives from the Zero123++ v1.2 weights, which carry this licence.", True),
 )}
 
 

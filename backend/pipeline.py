@@ -1,4 +1,6 @@
 """The one pipeline: image file -> preprocessed image -> model -> coloured mesh (Blender frame).
+Multi-view models (InstantMesh) put a diffusion stage between the two (image -> six views -> mesh), or
+start from ready-made views (``Options.views``).
 
 The CLI (``python -m backend generate``) and the worker behind Blender's operator both call
 :func:`generate`. Progress is reported through ``progress(stage, fraction, message)``; ``cancelled()``
@@ -19,6 +21,7 @@ ProgressFn = Callable[[str, float, str], None]
 # Stage names as they appear on the wire and in the --json summary.
 STAGE_LOAD = "loading_model"
 STAGE_BACKGROUND = "removing_background"
+STAGE_VIEWS = "generating_views"
 STAGE_ENCODE = "encoding"
 STAGE_TRIPLANE = "building_triplanes"
 STAGE_SURFACE = "extracting_surface"
@@ -26,6 +29,9 @@ STAGE_COLOR = "colouring"
 
 MIN_RESOLUTION, MAX_RESOLUTION = 32, 1024
 MAX_SOURCE_SIZE = 2048
+MAX_STEPS, MAX_GUIDANCE, MAX_SEED = 500, 30.0, 2**63 - 1
+DEFAULT_STEPS, DEFAULT_GUIDANCE, DEFAULT_SEED = 75, 4.0, 42  # InstantMesh's run.py (spec instantmesh.md §1.4)
+VIEWS_SIZE = (640, 960)  # width, height of the six-view grid
 
 
 @dataclass
@@ -40,6 +46,12 @@ class Options:
     u2net_path: Optional[str] = None  # background-removal model file; None = default location
     source_size: Optional[int] = None  # encoder input side in pixels; None = the model's (multiple of its patch)
     accept_licence: bool = False  # accept (and remember) a restrictive weights licence, e.g. CC BY-NC
+    # Multi-view models only:
+    views: Optional[str] = None  # a 960×640 grid of six views: skip the image, background removal and stage 1
+    save_views: Optional[str] = None  # write the generated grid here (PNG)
+    steps: Optional[int] = None  # diffusion steps; None = 75
+    guidance: Optional[float] = None  # classifier-free guidance scale; None = 4.0
+    seed: Optional[int] = None  # None = 42
 
     def validate(self) -> None:
         if self.resolution is not None and not MIN_RESOLUTION <= int(self.resolution) <= MAX_RESOLUTION:
@@ -52,9 +64,58 @@ class Options:
             raise InputError(f"threshold must be positive, got {self.threshold}")
         if self.device not in ("auto", "cpu", "cuda", "mps") and not str(self.device).startswith("cuda:"):
             raise InputError(f"unknown device {self.device!r}; use auto, cpu, cuda or mps")
+        if self.steps is not None and not 1 <= int(self.steps) <= MAX_STEPS:
+            raise InputError(f"steps must be between 1 and {MAX_STEPS}, got {self.steps}")
+        if self.guidance is not None and not 1.0 <= float(self.guidance) <= MAX_GUIDANCE:
+            raise InputError(f"guidance must be between 1 and {MAX_GUIDANCE:g}, got {self.guidance}")
+        if self.seed is not None and not 0 <= int(self.seed) <= MAX_SEED:
+            raise InputError(f"seed must be between 0 and 2**63 - 1, got {self.seed}")
+        if self.save_views is not None:
+            if Path(self.save_views).suffix.lower() != ".png":
+                raise InputError(f"the views are saved as PNG, not {Path(self.save_views).name!r}")
+            if not Path(self.save_views).parent.resolve().is_dir():
+                raise InputError(f"folder for the views image does not exist: {Path(self.save_views).parent}")
+        if self.views is not None:
+            check_views_image(Path(self.views))
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def check_views_image(path: Path) -> None:
+    """A readable 960×640 image (read from its header only)."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not path.is_file():
+        raise InputError(f"views image not found: {path}")
+    try:
+        with Image.open(path) as im:
+            size = im.size
+    except (OSError, UnidentifiedImageError) as e:
+        raise InputError(f"views image {path} could not be read ({e})") from None
+    if size != VIEWS_SIZE:
+        raise InputError(f"the views image must be {VIEWS_SIZE[0]}×{VIEWS_SIZE[1]} (3 rows × 2 columns of 320² "
+                         f"views), got {size[0]}×{size[1]}: {path}",
+                         hint="Use a grid saved by --save-views, or Zero123++ v1.2's output.")
+
+
+def _check_model_options(spec, options: Options) -> None:
+    """Options that one kind of model cannot use are refused rather than ignored."""
+    if spec.multiview and options.views is not None:
+        unused = {"--threshold": options.threshold, "--source-size": options.source_size,
+                  "--save-views": options.save_views, "--steps": options.steps, "--guidance": options.guidance,
+                  "--seed": options.seed}
+        why = "the views are given, so no image is prepared and no views are generated"
+    elif spec.multiview:
+        unused = {"--threshold": options.threshold, "--source-size": options.source_size}
+        why = f"{spec.display_name} extracts its surface at SDF 0 from generated views"
+    else:
+        unused = {"--views": options.views, "--save-views": options.save_views, "--steps": options.steps,
+                  "--guidance": options.guidance, "--seed": options.seed}
+        why = f"{spec.display_name} reconstructs from the image alone (no view generation)"
+    given = [name for name, value in unused.items() if value is not None]
+    if given:
+        raise InputError(f"{', '.join(given)} does not apply: {why}")
 
 
 def check_source_size(size: int, patch: int) -> int:
@@ -106,9 +167,12 @@ def generate(image_path, options: Options, progress: Optional[ProgressFn] = None
     ``model_cache`` (a dict owned by the caller) keeps loaded models between calls, as the worker does.
     """
     options.validate()
+    if (image_path is None) == (options.views is None):
+        raise InputError("give an image or a views grid (--views), not both" if options.views
+                         else "no input image given")
     stages = _Stages(progress, cancelled)
     try:
-        return _run(Path(image_path), options, stages, model_cache)
+        return _run(image_path and Path(image_path), options, stages, model_cache)
     except Exception as e:
         if is_out_of_memory(e):
             raise OutOfMemory(f"ran out of memory during {stages.current or 'generation'}") from e
@@ -120,10 +184,17 @@ def _run(image_path: Path, options: Options, stages: _Stages, model_cache):
     from .models import registry
 
     spec = registry.get(options.model)
+    _check_model_options(spec, options)
     licences.ensure_accepted(spec.licence, spec.id, spec.display_name, accept_now=options.accept_licence)
-    options = replace(options, resolution=options.resolution or spec.default_resolution,
+    # A multi-view model's default grid is its config's (spec.default_resolution says what the official one is).
+    options = replace(options, resolution=options.resolution or (None if spec.multiview else spec.default_resolution),
                       threshold=spec.default_threshold if options.threshold is None else options.threshold)
     device = devices.resolve(options.device)
+
+    if options.views is not None:  # stage 2 of a multi-view model alone
+        stages.begin(STAGE_LOAD, f"loading {spec.display_name}")
+        model = registry.load(spec, options.weights, device, cache=model_cache, views_only=True)
+        return _finish(model.reconstruct_views(Path(options.views), options, stages), spec, device, stages)
 
     stages.begin(STAGE_BACKGROUND, "reading image")
     image = preprocess.load_image(image_path)
@@ -138,8 +209,34 @@ def _run(image_path: Path, options: Options, stages: _Stages, model_cache):
 
     stages.begin(STAGE_LOAD, f"loading {spec.display_name}")
     model = registry.load(spec, options.weights, device, cache=model_cache)
+    if not spec.multiview:
+        return _finish(model.reconstruct(conditioning, options, stages), spec, device, stages)
 
-    mesh = model.reconstruct(conditioning, options, stages)
+    model.load_views_model()
+    options = replace(options, steps=options.steps or DEFAULT_STEPS, seed=DEFAULT_SEED if options.seed is None
+                      else options.seed, guidance=DEFAULT_GUIDANCE if options.guidance is None else options.guidance)
+    stages.begin(STAGE_VIEWS, f"{options.steps} diffusion steps")
+    grid = model.generate_views(conditioning, options, stages)
+    if options.save_views:
+        save_views(grid, Path(options.save_views))
+    mesh = model.reconstruct_views(grid, options, stages)
+    mesh.stats.update(steps=options.steps, guidance=options.guidance, seed=options.seed)
+    return _finish(mesh, spec, device, stages)
+
+
+def save_views(grid, path: Path) -> None:
+    """Write the grid as PNG under a temporary name, then rename (no half-written file is left)."""
+    from PIL import Image
+
+    tmp = path.with_name(f".{path.name}.partial")
+    try:
+        Image.fromarray(grid, "RGB").save(tmp, format="PNG")
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _finish(mesh, spec, device, stages: _Stages):
     stages.end()
     mesh.stats.update(
         seconds={k: round(v, 3) for k, v in stages.seconds.items()},

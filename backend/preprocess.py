@@ -1,11 +1,13 @@
 """Image preprocessing: file -> 8-bit image -> (background removal) -> framed object -> model input.
 
-Two recipes, one per reference, sharing loading, background removal and the object's bounding box:
+Three recipes, one per reference, sharing loading, background removal and the object's bounding box:
 - ``triposr``: crop to the object, pad to a square, composite on gray; reproduces TripoSR's ``run.py``
   default path bit for bit (spec ``triposr.md`` §3).
 - ``openlrm``: OpenLRM's demo path (spec ``openlrm.md`` §8): longest side to 1024, recentre the object
   to 80 % of a 512 transparent square (OpenCV ``INTER_AREA`` resizing, reimplemented here in numpy),
   then its runner: composite on white, bicubic resize to the encoder's source size.
+- ``instantmesh``: InstantMesh's ``run.py`` (spec ``instantmesh.md`` §1.2): TripoSR's crop and padding to
+  85 %, left transparent (RGBA): Zero123++ composites it on white itself.
 numpy and PIL only at import time; rembg and torch are imported by the functions that need them.
 """
 
@@ -268,7 +270,7 @@ def pad_to_square(rgb: np.ndarray, value: int = GRAY) -> np.ndarray:
     return np.pad(rgb, ((ph, size - h - ph), (pw, size - w - pw), (0, 0)), constant_values=value)
 
 
-RECIPES = ("triposr", "openlrm")
+RECIPES = ("triposr", "openlrm", "instantmesh")
 
 
 def prepare(image: Image.Image, *, recipe: str = "triposr", remove_background: bool = True,
@@ -280,13 +282,15 @@ def prepare(image: Image.Image, *, recipe: str = "triposr", remove_background: b
     * No real alpha and ``remove_background``: rembg u2net makes the mask.
     * Either way the object is then framed to ``foreground_ratio`` (default: the recipe's):
       ``triposr``: cropped, padded to a square and composited on gray 127 -> (H, W, 3);
-      ``openlrm``: longest side to 1024, recentred on a 512 transparent square -> (512, 512, 4).
+      ``openlrm``: longest side to 1024, recentred on a 512 transparent square -> (512, 512, 4);
+      ``instantmesh``: cropped and padded to a square like ``triposr``, left transparent -> (H, W, 4).
     * No real alpha and not ``remove_background``: the user supplies a prepared image.
       ``triposr``: converted to RGB and padded to a square with gray 127, centred, with no crop. This
       deliberately differs from the reference's ``--no-remove-bg``, which drops alpha and lets the model
       input resize stretch the image.
       ``openlrm``: returned as is (RGB or opaque RGBA) for OpenLRM's own runner path, which composites on
       white and resizes to the source size (a non-square image is stretched, as the reference does).
+      ``instantmesh``: returned as is, as the reference's ``--no_rembg`` does.
     """
     if recipe not in RECIPES:
         raise ValueError(f"unknown preprocessing recipe {recipe!r}")
@@ -296,7 +300,7 @@ def prepare(image: Image.Image, *, recipe: str = "triposr", remove_background: b
     _check_ratio(ratio)
     real_alpha = has_real_alpha(image)
     if not real_alpha and not remove_background:
-        if recipe == "openlrm":
+        if recipe in ("openlrm", "instantmesh"):
             return np.asarray(image)
         return pad_to_square(np.asarray(image.convert("RGB")))
     if recipe == "openlrm":
@@ -305,7 +309,8 @@ def prepare(image: Image.Image, *, recipe: str = "triposr", remove_background: b
             rgba = np.asarray(_remove_background(Image.fromarray(rgba[..., :3]), u2net_path))
         return recenter(rgba, RECENTER_SIZE, ratio)
     rgba = image if real_alpha else _remove_background(image, u2net_path)
-    return composite_on_gray(resize_foreground(np.asarray(rgba.convert("RGBA")), ratio))
+    framed = resize_foreground(np.asarray(rgba.convert("RGBA")), ratio)
+    return framed if recipe == "instantmesh" else composite_on_gray(framed)
 
 
 # ------------------------------------------------------------------------- OpenLRM's demo framing

@@ -28,7 +28,8 @@ def extension():
 
 def test_catalogue_mirrors_the_backend_defaults():
     catalog = extension()
-    assert [i[0] for i in catalog.model_items()] == list(registry.MODELS)
+    assert [i[0] for i in catalog.model_items()] == [s.id for s in registry.panel_models()]
+    assert "triposr" in registry.MODELS and not any(i[0].startswith("instantmesh") for i in catalog.model_items())
     assert catalog.defaults("triposr") == {"resolution": 256, "threshold": 25.0, "foreground_ratio": 0.85,
                                            "source_size": 512, "patch": 16}
     assert catalog.defaults("openlrm-base") == {"resolution": 384, "threshold": 3.0, "foreground_ratio": 0.8,

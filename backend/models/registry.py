@@ -34,6 +34,15 @@ class ModelSpec:
     default_source_size: Optional[int] = None
     preprocessing: str = "triposr"  # recipe in ..preprocess
     patch_size: int = 16  # the encoder's patch: a source size must be a multiple of it
+    # SINGLE: one image -> mesh (``.reconstruct``). MULTIVIEW: a diffusion model draws six views first, then a
+    # sparse-view LRM meshes them (``.load_views_model``, ``.generate_views``, ``.reconstruct_views``).
+    kind: str = "single"
+    # MULTIVIEW: the files the second stage needs alone (ready-made views, ``--views``); None = all of them.
+    views_stage_files: Optional[tuple] = None
+
+    @property
+    def multiview(self) -> bool:
+        return self.kind == MULTIVIEW
 
     @property
     def default_foreground_ratio(self) -> float:
@@ -47,6 +56,9 @@ class ModelSpec:
     def download_size(self) -> Optional[int]:
         sizes = [f.size for f in self.files]
         return None if None in sizes else sum(sizes)
+
+
+SINGLE, MULTIVIEW = "single", "multiview"
 
 
 def _load_triposr(folder, device):
@@ -64,8 +76,17 @@ def _openlrm_loader(source_size: int):
     return load
 
 
+def _instantmesh_loader(size: str):
+    def load(folder, device):
+        from . import instantmesh_pipeline
+
+        return instantmesh_pipeline.InstantMeshPipeline(folder, device, size)
+
+    return load
+
+
 # How much of the frame the object fills, per preprocessing recipe (OpenLRM: a border ratio of 0.2).
-FOREGROUND_RATIO = {"triposr": 0.85, "openlrm": 0.8}
+FOREGROUND_RATIO = {"triposr": 0.85, "openlrm": 0.8, "instantmesh": 0.85}
 
 TRIPOSR_REVISION = "5b521936b01fbe1890f6f9baed0254ab6351c04a"
 
@@ -89,6 +110,42 @@ def _openlrm_specs():
                 preprocessing="openlrm", patch_size=14)
 
 
+# InstantMesh (spec instantmesh.md): stage 1 is Zero123++ v1.2 (sudo-ai/zero123plus-v1.2) with InstantMesh's
+# fine-tuned UNet, stage 2 the sparse-view LRM (TencentARC/InstantMesh). One model folder holds both: the
+# Zero123++ files at their repository paths, InstantMesh's files at its root. Zero123++'s own UNet weights
+# (3.46 GB) are not needed: InstantMesh's replaces them, only unet/config.json is read. Revisions are not
+# pinned yet ("main"). InstantMesh's three files carry the size and sha256 of their LFS pointers (the spec's
+# manifests, tests/data/instantmesh_state_dict_manifest_*.json, zero123plus_unet_state_dict_manifest.json);
+# the Zero123++ files have none yet: their sha256 is recorded on first download. Pin the revisions once seen.
+# Licence: the Zero123++ v1.2 weights, from which the fine-tuned UNet derives, are CC-BY-NC-4.0 (§2.8).
+# The stage-2 architecture (configs/instant-mesh-*.yaml of the GitHub repository, not on the hub) is bundled
+# as configs/instant-mesh-*.yaml; a YAML config in the model folder takes its place.
+ZERO123PP_REPO, ZERO123PP_REVISION = "sudo-ai/zero123plus-v1.2", "main"
+INSTANTMESH_REPO, INSTANTMESH_REVISION = "TencentARC/InstantMesh", "main"
+ZERO123PP_FILES = (
+    "model_index.json", "unet/config.json", "vae/config.json", "vae/diffusion_pytorch_model.safetensors",
+    "text_encoder/config.json", "text_encoder/model.safetensors", "tokenizer/vocab.json", "tokenizer/merges.txt",
+    "tokenizer/tokenizer_config.json", "vision_encoder/config.json",
+    "vision_encoder/model.safetensors", "feature_extractor_clip/preprocessor_config.json",
+    "feature_extractor_vae/preprocessor_config.json", "scheduler/scheduler_config.json")
+INSTANTMESH_UNET = RemoteFile(INSTANTMESH_REPO, INSTANTMESH_REVISION, "diffusion_pytorch_model.bin", 1_732_056_502,
+                              "9d78d78421d1feb6871d13e13e86ed8099628648d7d9c51ffca9015b7d5fa3c4")
+INSTANTMESH_CHECKPOINTS = {  # instant_mesh_{size}.ckpt: bytes, sha256
+    "large": (1_514_818_077, "329f7aae9b583fd7c1b27d0221463db7b808a03c48a1f7aa26649af6a03b91a1"),
+    "base": (1_253_574_354, "22701cd25201d624ebb1568b93cf91b43a2c32006835c08fe73e1f3c9f6c44b5"),
+}
+
+
+def _instantmesh_specs():
+    views = tuple(RemoteFile(ZERO123PP_REPO, ZERO123PP_REVISION, path) for path in ZERO123PP_FILES)
+    for size, (ckpt_bytes, sha256) in INSTANTMESH_CHECKPOINTS.items():
+        ckpt = RemoteFile(INSTANTMESH_REPO, INSTANTMESH_REVISION, f"instant_mesh_{size}.ckpt", ckpt_bytes, sha256)
+        yield ModelSpec(
+            f"instantmesh-{size}", f"InstantMesh {size.title()}", INSTANTMESH_REPO, (ckpt, INSTANTMESH_UNET, *views),
+            "CC-BY-NC-4.0", 128, 0.0, _instantmesh_loader(size), preprocessing="instantmesh", kind=MULTIVIEW,
+            views_stage_files=(ckpt.path,))
+
+
 MODELS = {
     spec.id: spec
     for spec in (
@@ -100,6 +157,7 @@ MODELS = {
                         "429e2c6b22a0923967459de24d67f05962b235f79cde6b032aa7ed2ffcd970ee")),
             "MIT", 256, 25.0, _load_triposr, default_source_size=512),
         *_openlrm_specs(),
+        *_instantmesh_specs(),
     )
 }
 # Short names: the "mix" weights (more, and real-world, training data).
@@ -110,6 +168,11 @@ ALIASES = {f"openlrm-{size}": f"openlrm-mix-{size}" for size in OPENLRM_SIZES}
 U2NET = RemoteFile("danielgatis/rembg", "v0.0.0", "u2net.onnx", None, None,
                    url="https://github.com/danielgatis/rembg/releases/download/v0.0.0/u2net.onnx",
                    md5="60024c5c889badc19c04ad937298a77b")
+
+
+def panel_models() -> list[ModelSpec]:
+    """The models a front-end drives today: one image in, one mesh out (multi-view models not yet)."""
+    return [spec for spec in MODELS.values() if not spec.multiview]
 
 
 def get(model_id: str) -> ModelSpec:
@@ -147,39 +210,50 @@ def hf_cache_folders(spec: ModelSpec) -> list[Path]:
     return sorted(snapshots.iterdir(), key=lambda p: (p.name != pinned, -p.stat().st_mtime))
 
 
-def _complete(spec: ModelSpec, folder: Path) -> bool:
+def _needed(spec: ModelSpec, views_only: bool) -> tuple:
+    if views_only and spec.views_stage_files is not None:
+        return tuple(f for f in spec.files if f.path in spec.views_stage_files)
+    return spec.files
+
+
+def _complete(spec: ModelSpec, folder: Path, views_only: bool = False) -> bool:
     """Every file present with its published size (a partial or foreign file does not count)."""
-    for f in spec.files:
+    for f in _needed(spec, views_only):
         path = folder / f.path
         if not path.is_file() or (f.size is not None and path.stat().st_size != f.size):
             return False
     return True
 
 
-def find_folder(spec: ModelSpec, weights: Optional[str] = None) -> Path:
+def find_folder(spec: ModelSpec, weights: Optional[str] = None, views_only: bool = False) -> Path:
+    """``views_only``: only the files that reconstruct from ready-made views are needed (multi-view models)."""
+    needed = _needed(spec, views_only)
     if weights:
         folder = Path(weights).expanduser()
         if not folder.is_dir():
             raise WeightsError(f"model folder not found: {folder}")
-        missing = [f for f in spec.file_names if not (folder / f).is_file()]
+        missing = [f.path for f in needed if not (folder / f.path).is_file()]
         if missing:
-            raise WeightsError(f"{folder} lacks {', '.join(missing)} for {spec.display_name}",
-                               hint=f"It must hold the files of {spec.repo}: {', '.join(spec.file_names)}.")
+            shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+            repos = " and ".join(dict.fromkeys(f.repo for f in needed))
+            raise WeightsError(f"{folder} lacks {shown} for {spec.display_name}",
+                               hint=f"It must hold the files of {repos}: {', '.join(f.path for f in needed)}.")
         return folder
     searched = [store_folder(spec)] + hf_cache_folders(spec)
     for folder in searched:
-        if _complete(spec, folder):
+        if _complete(spec, folder, views_only):
             return folder
-    files = ", ".join(f"{f.path} ({human_size(f.size)})" for f in spec.files)
+    files = ", ".join(f"{f.path} ({human_size(f.size)})" for f in needed)
     raise WeightsError(
         f"{spec.display_name} weights not found (looked in: {', '.join(map(str, searched))})",
         hint=f"Download them with `python -m backend download --model {spec.id}` (or the Download button in "
-             f"the add-on's preferences), or put {files} from https://huggingface.co/{spec.repo} "
+             f"the add-on's preferences), or put {files} from "
+             f"{' and '.join(dict.fromkeys(f'https://huggingface.co/{f.repo}' for f in needed))} "
              f"into {store_folder(spec)}, or pass a folder with --weights DIR.")
 
 
-def load(spec: ModelSpec, weights: Optional[str], device, cache: Optional[dict] = None):
-    folder = find_folder(spec, weights).resolve()
+def load(spec: ModelSpec, weights: Optional[str], device, cache: Optional[dict] = None, views_only: bool = False):
+    folder = find_folder(spec, weights, views_only).resolve()
     key = (spec.id, str(folder), str(device))
     if cache is not None and key in cache:
         return cache[key]

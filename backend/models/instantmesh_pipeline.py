@@ -1,0 +1,57 @@
+"""InstantMesh's two stages behind one loaded model: Zero123++ v1.2 draws six views of the object
+(zero123pp.py), the sparse-view LRM meshes them (instantmesh.py).
+
+The model folder holds sudo-ai/zero123plus-v1.2's files at their repository paths and, at its root,
+InstantMesh's fine-tuned UNet (``diffusion_pytorch_model.bin``) and ``instant_mesh_{size}.ckpt``. Stage 1 is
+loaded on first use only, so that reconstructing ready-made views needs the checkpoint alone.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import WeightsError
+from . import instantmesh
+
+BUNDLED_CONFIGS = Path(__file__).parent / "configs"
+UNET_FILE = "diffusion_pytorch_model.bin"
+
+
+def config_path(folder: Path, size: str) -> Path:
+    """The stage-2 YAML: ``instant-mesh-{size}.yaml`` or the only ``*.yaml`` in the folder, else ours."""
+    name = f"instant-mesh-{size}.yaml"
+    if (folder / name).is_file():
+        return folder / name
+    found = sorted(folder.glob("*.yaml"))
+    if len(found) > 1:
+        raise WeightsError(f"{folder} holds several YAML configs ({', '.join(p.name for p in found)})",
+                           hint=f"Keep one, or name the InstantMesh config {name}.")
+    return found[0] if found else BUNDLED_CONFIGS / name
+
+
+class InstantMeshPipeline:
+    def __init__(self, folder, device, size: str):
+        self.folder, self.device = Path(folder), torch.device(device)
+        checkpoint = self.folder / f"instant_mesh_{size}.ckpt"
+        self.lrm = instantmesh.load(config_path(self.folder, size), self.device, weights=checkpoint)
+        self.views_model = None
+
+    def load_views_model(self):
+        """Zero123++ with InstantMesh's UNet; half precision on CUDA as the reference runs it."""
+        if self.views_model is None:
+            from .zero123pp import Zero123PlusPlus
+
+            dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+            self.views_model = Zero123PlusPlus.from_folder(self.folder, self.folder / UNET_FILE, self.device, dtype)
+        return self.views_model
+
+    def generate_views(self, image: np.ndarray, options, stages) -> np.ndarray:
+        """The prepared image (RGBA or RGB uint8) -> the (960, 640, 3) uint8 grid of six views."""
+        return self.load_views_model().generate(image, steps=options.steps, guidance=options.guidance,
+                                                seed=options.seed, stages=stages)
+
+    def reconstruct_views(self, grid, options, stages):
+        return self.lrm.reconstruct_views(grid, options, stages)

@@ -99,6 +99,21 @@ def addon_module(name: str):
     return importlib.import_module(f"{ADDON}.{name}")
 
 
+def environment_module():
+    return addon_module("environment")
+
+
+def prefs_text() -> str:
+    """Everything the preferences' draw() put on a mock layout: labels and the calls themselves."""
+    from types import SimpleNamespace
+    from unittest.mock import MagicMock
+
+    layout = MagicMock()
+    type(prefs()).draw(SimpleNamespace(layout=layout), bpy.context)
+    labels = " ".join(str(c.kwargs.get("text", "")) for c in layout.mock_calls)
+    return labels + " " + " ".join(str(c) for c in layout.mock_calls)
+
+
 def worker_children() -> list[int]:
     """Live ``backend serve`` processes started by this test process."""
     found = []

@@ -7,24 +7,11 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
-from unittest.mock import MagicMock
 
 import bpy
 import pytest
 
-from .conftest import BACKEND_PYTHON, addon_module, prefs
-
-
-def env():
-    return addon_module("environment")
-
-
-def prefs_text() -> str:
-    layout = MagicMock()
-    type(prefs()).draw(SimpleNamespace(layout=layout), bpy.context)
-    labels = " ".join(str(c.kwargs.get("text", "")) for c in layout.mock_calls)
-    return labels + " " + " ".join(str(c) for c in layout.mock_calls)
+from .conftest import BACKEND_PYTHON, addon_module, environment_module as env, prefs, prefs_text
 
 
 def live_in_group(pgid: int) -> list[int]:

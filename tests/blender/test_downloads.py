@@ -11,25 +11,14 @@ from unittest.mock import MagicMock
 import bpy
 import pytest
 
-from .conftest import addon_module, prefs
+from .conftest import addon_module, environment_module as env, prefs, prefs_text
 from hubserver import StandInHub, Zeros
 
 SMALL = "openlrm-obj-small"
 
 
-def env():
-    return addon_module("environment")
-
-
 def registry():
     return addon_module("backend.models.registry")
-
-
-def prefs_text() -> str:
-    layout = MagicMock()
-    type(prefs()).draw(SimpleNamespace(layout=layout), bpy.context)
-    labels = " ".join(str(c.kwargs.get("text", "")) for c in layout.mock_calls)
-    return labels + " " + " ".join(str(c) for c in layout.mock_calls)
 
 
 def download_processes() -> list[int]:

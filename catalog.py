@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .backend import hub, licences
+from .backend import hub, licences, pipeline
 from .backend.models import registry
 
 U2NET = "u2net"
@@ -16,8 +16,8 @@ U2NET_SIZE = 176 * 10**6  # about; rembg publishes no size (its md5 is checked)
 
 
 def specs():
-    """The models the panel offers: InstantMesh (two stages, diffusion) is command-line only for now."""
-    return registry.panel_models()
+    """Every model of the registry, in its order (the panel's list)."""
+    return list(registry.MODELS.values())
 
 
 def model_items():
@@ -46,6 +46,17 @@ def defaults(model_id: str) -> dict:
         "source_size": s.default_source_size or 0,
         "patch": s.patch_size,
     }
+
+
+# A multi-view model's view-generation settings, as the backend defaults and bounds them.
+VIEW_DEFAULTS = {"steps": pipeline.DEFAULT_STEPS, "guidance": pipeline.DEFAULT_GUIDANCE, "seed": pipeline.DEFAULT_SEED}
+MAX_STEPS, MAX_GUIDANCE = pipeline.MAX_STEPS, pipeline.MAX_GUIDANCE
+
+
+def draws_views(model_id: str) -> bool:
+    """A multi-view model (InstantMesh): it draws six views first (steps, guidance, seed), then meshes them
+    at its own surface level (no threshold) from a fixed input size (no source size)."""
+    return spec(model_id).multiview
 
 
 # -- licences ---------------------------------------------------------------------------------------
@@ -117,10 +128,10 @@ def where_is(model_id: str, store: Path, weights_dir: str = "") -> tuple[str, Pa
 
 
 def download_size(model_id: str) -> int:
-    """Bytes to download: exact where the registry knows every size, else about (unknown files count 0)."""
+    """Bytes to download: exact where the registry knows every size, else about."""
     if model_id == U2NET:
         return U2NET_SIZE
-    return sum(f.size or 0 for f in spec(model_id).files)
+    return spec(model_id).approx_download_size
 
 
 def size_text(model_id: str) -> str:

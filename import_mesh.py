@@ -54,6 +54,21 @@ def vertex_color_material(name: str = "Image to 3D") -> bpy.types.Material:
     return material
 
 
+def keep_views(path: str, name: str) -> bpy.types.Image:
+    """A multi-view model's six generated views as an image packed into the .blend (the job folder that holds
+    the file is deleted next). A fake user keeps it when the file is saved, since nothing else uses it."""
+    image = bpy.data.images.load(path, check_existing=False)
+    try:
+        image.name = name
+        image.pack()
+        image.filepath_raw = f"//{bpy.path.clean_name(name)}.png"  # where Unpack writes it, not the temp file
+        image.use_fake_user = True
+    except Exception:
+        bpy.data.images.remove(image)
+        raise
+    return image
+
+
 def add_object(scene: bpy.types.Scene, view_layer, collection, name: str, mesh, settings: dict) -> bpy.types.Object:
     """Link the object at the 3D cursor (its lowest point on the cursor), selected and active."""
     obj = bpy.data.objects.new(name, mesh)

@@ -3,6 +3,7 @@
 The model list comes from the backend's registry. Resolution, threshold and foreground ratio follow the
 chosen model's own values until the user sets one (``use_custom_*``): then that value is sent, otherwise
 None, which the backend reads as "the model's default". Source size 0 means the model's.
+Multi-view models (InstantMesh) have no threshold and no source size; they take steps, guidance and seed.
 """
 
 import bpy
@@ -14,6 +15,12 @@ from .preferences import DEVICE_ITEMS
 MODEL_ITEMS = tuple(catalog.model_items())
 DEFAULT_MODEL = "triposr"
 CUSTOMIZABLE = ("resolution", "threshold", "foreground_ratio")
+VIEW_SETTINGS = ("steps", "guidance", "seed")
+
+
+def customizable(model_id: str) -> tuple:
+    """The model-default settings this model uses."""
+    return tuple(n for n in CUSTOMIZABLE if not (n == "threshold" and catalog.draws_views(model_id)))
 
 _applying_defaults = False  # set while the model's defaults are written: those writes are not the user's
 
@@ -24,7 +31,7 @@ def apply_model_defaults(settings) -> None:
     values = catalog.defaults(settings.model)
     _applying_defaults = True
     try:
-        for name in CUSTOMIZABLE:
+        for name in customizable(settings.model):
             if not getattr(settings, f"use_custom_{name}") and getattr(settings, name) != values[name]:
                 setattr(settings, name, values[name])
     finally:
@@ -47,11 +54,14 @@ def _custom_toggled(self, context):
 
 
 def effective(settings) -> dict:
-    """The values the backend will use, the model's defaults filled in."""
+    """The values the backend will use, the model's defaults filled in (only those the model uses)."""
     values = catalog.defaults(settings.model)
     out = {name: (getattr(settings, name) if getattr(settings, f"use_custom_{name}") else values[name])
-           for name in CUSTOMIZABLE}
-    out["source_size"] = settings.source_size or values["source_size"]
+           for name in customizable(settings.model)}
+    if catalog.draws_views(settings.model):
+        out.update({name: getattr(settings, name) for name in VIEW_SETTINGS})
+    else:
+        out["source_size"] = settings.source_size or values["source_size"]
     return out
 
 
@@ -69,8 +79,9 @@ class ImageTo3DSettings(bpy.types.PropertyGroup):
     image: PointerProperty(name="Image", type=bpy.types.Image, description="The reference image")
     model: EnumProperty(name="Model", items=MODEL_ITEMS, default=DEFAULT_MODEL, update=_model_changed,
                         description="The reconstruction model (its weights are downloaded once, in the preferences)")
-    resolution: IntProperty(name="Resolution", description="Marching-cubes grid size: more detail, more time "
-                                                           "(the model's own: TripoSR 256, OpenLRM 384)",
+    resolution: IntProperty(name="Resolution", description="Size of the grid the surface is extracted on: more "
+                                                           "detail, more time and memory (the model's own: "
+                                                           "TripoSR 256, OpenLRM 384, InstantMesh 128)",
                             default=256, min=32, max=1024, soft_min=64, soft_max=512, step=32,
                             update=_marks_custom("resolution"))
     use_custom_resolution: BoolProperty(name="Own Resolution", default=False, update=_custom_toggled,
@@ -93,6 +104,16 @@ class ImageTo3DSettings(bpy.types.PropertyGroup):
                              description="Side in pixels of the image the encoder sees; 0: the model's own "
                                          "(TripoSR 512; OpenLRM small 224, base 336, large 448). A multiple of "
                                          "the encoder's patch: 16 for TripoSR, 14 for OpenLRM")
+    steps: IntProperty(name="Steps", default=catalog.VIEW_DEFAULTS["steps"], min=1, max=catalog.MAX_STEPS,
+                       soft_min=10, soft_max=150,
+                       description="Diffusion steps when drawing the six views: fewer is faster, with rougher "
+                                   "views (on a CPU a step takes tens of seconds)")
+    guidance: FloatProperty(name="Guidance", default=catalog.VIEW_DEFAULTS["guidance"], min=1.0,
+                            max=catalog.MAX_GUIDANCE, soft_max=10.0, precision=1, step=50,
+                            description="How closely the views follow the image (classifier-free guidance)")
+    seed: IntProperty(name="Seed", default=catalog.VIEW_DEFAULTS["seed"], min=0,
+                      description="Random seed of the view generation: the same seed and image give the same "
+                                  "views; another seed gives other guesses of the unseen sides")
     remove_background: BoolProperty(name="Remove Background", default=True,
                                     description="Cut the object out of its background first (images without "
                                                 "transparency need this)")

@@ -43,6 +43,7 @@ class Job:
         self.fraction = 0.0
         self.message = ""
         self.result_path: str | None = None
+        self.views_path: str | None = None  # multi-view models: the generated views (PNG grid)
         self.stats: dict = {}
         self.error: dict | None = None  # {"code", "message", "hint"}
         self.cancel_requested_at: float | None = None
@@ -285,6 +286,7 @@ class Worker:
             job.message = event.get("message", "")
         elif kind == "result":
             job.result_path = event.get("path")
+            job.views_path = event.get("views")
             job.stats = event.get("stats") or {}
             job.state = DONE
             job.fraction = 1.0

@@ -10,7 +10,8 @@ Requests::
     {"op": "cancel", "id": "job-1"}        # honoured between chunks of work
     {"op": "shutdown"}                     # also: stdin closed (the client went away)
 
-Events: ``ready``, ``progress`` (stage, fraction, message), ``result`` (path of the .npz, stats),
+Events: ``ready``, ``progress`` (stage, fraction, message), ``result`` (path of the .npz, stats, and
+``views``: the six generated views as a PNG grid, for multi-view models),
 ``error`` (code, message, hint), ``log``. Every job event carries the job ``id``.
 
 One job runs at a time on the main thread; a reader thread takes requests so that ``cancel`` can be seen
@@ -32,6 +33,7 @@ from pathlib import Path
 from .errors import BackendError, Cancelled, InputError
 
 RESULT_NAME = "mesh.npz"
+VIEWS_NAME = "views.png"  # a multi-view model's generated views, kept next to the mesh for the client
 PROGRESS_INTERVAL_S = 0.1  # at most ~10 progress events a second per stage, plus every stage change
 
 
@@ -165,6 +167,12 @@ def error_fields(exc: BaseException) -> dict:
     return {"code": "internal", "message": text, "hint": "The backend log (stderr) has the full traceback"}
 
 
+def _draws_views(model_id: str) -> bool:
+    from .models import registry
+
+    return registry.get(model_id).multiview
+
+
 def run_job(request: dict, control: JobControl, events: EventWriter, model_cache: dict) -> None:
     from . import mesh as mesh_io
     from .pipeline import generate
@@ -179,6 +187,8 @@ def run_job(request: dict, control: JobControl, events: EventWriter, model_cache
         if not output_dir.is_dir():
             raise InputError(f"output folder does not exist: {output_dir}")
         options = make_options(request.get("options"))
+        if options.save_views is None and options.views is None and _draws_views(options.model):
+            options.save_views = str(output_dir / VIEWS_NAME)
         models_before = set(model_cache)
         mesh = generate(image, options, progress=ProgressThrottle(events, job_id),
                         cancelled=control.cancel.is_set, model_cache=model_cache)
@@ -193,7 +203,8 @@ def run_job(request: dict, control: JobControl, events: EventWriter, model_cache
             model_cache="miss" if set(model_cache) - models_before or not model_cache else "hit",
             total_seconds=round(time.perf_counter() - started, 3),
         )
-        events.emit("result", id=job_id, path=str(path), stats=stats)
+        views = options.save_views if options.save_views and Path(options.save_views).is_file() else None
+        events.emit("result", id=job_id, path=str(path), stats=stats, views=views)
     except Exception as exc:  # noqa: BLE001 - every failure becomes an error event; the worker lives on
         if not isinstance(exc, BackendError):
             traceback.print_exc(file=sys.stderr)

@@ -84,19 +84,24 @@ def model_folder(weights_dir: str, model: str) -> str | None:
 
 
 def job_options(settings, prefs) -> dict:
-    """What the worker is sent: None where the model's own default applies."""
+    """What the worker is sent: None where the model's own default applies, nothing the model cannot use
+    (the backend refuses those)."""
     device = settings.device if settings.device != "DEFAULT" else (prefs.device if prefs else "auto")
-    return {
+    options = {
         "model": settings.model,
         "weights": model_folder(prefs.weights_dir if prefs else "", settings.model),
         "resolution": int(settings.resolution) if settings.use_custom_resolution else None,
-        "threshold": round(float(settings.threshold), 6) if settings.use_custom_threshold else None,
         "foreground_ratio": round(float(settings.foreground_ratio), 4) if settings.use_custom_foreground_ratio
         else None,
-        "source_size": int(settings.source_size) or None,
         "remove_background": bool(settings.remove_background),
         "device": device,
     }
+    if catalog.draws_views(settings.model):
+        options.update(steps=int(settings.steps), guidance=round(float(settings.guidance), 4), seed=int(settings.seed))
+    else:
+        options.update(threshold=round(float(settings.threshold), 6) if settings.use_custom_threshold else None,
+                       source_size=int(settings.source_size) or None)
+    return options
 
 
 def why_not(context) -> str:
@@ -206,9 +211,11 @@ def tick(job_id: str):
             pass  # the scene was deleted meanwhile: nothing to import into
         elif job.state == DONE:
             obj = import_result(scene, info, job)
+            views = obj[import_mesh.SETTINGS_KEY].get("views_image")
             settings.last_info = (f"{obj.name}: {job.stats.get('vertices')} vertices, {job.stats.get('faces')} faces"
                                   f" in {time.monotonic() - info['started']:.1f} s"
-                                  f" (model {'reused' if job.stats.get('model_cache') == 'hit' else 'loaded'})")
+                                  f" (model {'reused' if job.stats.get('model_cache') == 'hit' else 'loaded'})"
+                                  + (f"; views in image '{views}'" if views else ""))
             bpy.ops.ed.undo_push(message="Generate 3D")
         elif job.state == CANCELLED:
             settings.last_info = "Cancelled"
@@ -232,6 +239,19 @@ def tick(job_id: str):
 
 
 def import_result(scene, info, job):
+    """The object (and, from a multi-view model, its views image), added whole or not at all."""
+    settings = info["settings"]
+    stem = os.path.splitext(settings["image"] or "Generated")[0]
+    views = import_mesh.keep_views(job.views_path, f"{stem} views") if job.views_path else None
+    try:
+        return add_result_object(scene, info, job, views)
+    except Exception:
+        if views is not None:
+            bpy.data.images.remove(views)
+        raise
+
+
+def add_result_object(scene, info, job, views):
     vertices, faces, colors = import_mesh.load_npz(job.result_path)
     settings = info["settings"]
     mesh = import_mesh.build_mesh(settings["image"] or "Generated", vertices, faces, colors,
@@ -248,7 +268,13 @@ def import_result(scene, info, job):
                 pass
     name = os.path.splitext(settings["image"] or "Generated")[0] + " 3D"
     stored = {k: v for k, v in settings.items() if v is not None}
-    return import_mesh.add_object(scene, view_layer, collection, name, mesh, stored)
+    if views is not None:
+        stored["views_image"] = views.name
+    try:
+        return import_mesh.add_object(scene, view_layer, collection, name, mesh, stored)
+    except Exception:
+        bpy.data.meshes.remove(mesh)
+        raise
 
 
 def finish(job_id: str, unregister_timer: bool = False) -> None:

@@ -7,6 +7,7 @@ from .. import catalog, environment, preferences, properties, session
 STAGE_LABELS = {
     "removing_background": "Removing background",
     "loading_model": "Loading model",
+    "generating_views": "Generating views",
     "encoding": "Encoding image",
     "building_triplanes": "Building triplanes",
     "extracting_surface": "Extracting surface",
@@ -43,6 +44,8 @@ def draw_progress(layout, job):
         layout.progress(factor=job.fraction, type="BAR", text=f"{label} {job.fraction:.0%}")
     else:
         layout.label(text=f"{label} {job.fraction:.0%}")
+    if job.message:  # e.g. "view synthesis step 12/75"
+        layout.label(text=job.message)
     layout.operator("image_to_3d.cancel", icon="CANCEL")
 
 
@@ -100,6 +103,30 @@ def draw_value(layout, settings, name: str):
         settings, f"use_custom_{name}") else "DECORATE_LINKED")
 
 
+def runs_on_cpu(settings, context) -> bool:
+    """Whether the job will run on the CPU, as far as the settings and the last environment check say."""
+    prefs = preferences.get(context)
+    device = settings.device if settings.device != "DEFAULT" else (prefs.device if prefs else "auto")
+    if device != "auto":
+        return device == "cpu"
+    check = environment.check_of(preferences.backend_python(context))
+    report = (check or {}).get("report") or {}
+    return report.get("device") == "cpu"
+
+
+def draw_view_settings(layout, settings, context):
+    """Stage 1 of a multi-view model: the six views drawn by diffusion (kept as an image afterwards)."""
+    col = layout.column(align=True)
+    col.label(text="Six views, then the mesh", icon="IMAGE_REFERENCE")
+    for name in properties.VIEW_SETTINGS:
+        col.prop(settings, name)
+    if runs_on_cpu(settings, context):
+        box = layout.box()
+        for i, line in enumerate(wrapped_lines(f"On the CPU each of the {settings.steps} steps takes tens of "
+                                               "seconds: use a GPU, or fewer steps for a draft")):
+            box.label(text=line, icon="INFO" if i == 0 else "BLANK1")
+
+
 class IMAGE_TO_3D_PT_sidebar(bpy.types.Panel):
     bl_label = "Image to 3D"
     bl_idname = "IMAGE_TO_3D_PT_sidebar"
@@ -115,8 +142,10 @@ class IMAGE_TO_3D_PT_sidebar(bpy.types.Panel):
         draw_image(layout, settings)
 
         draw_model(layout, settings, context)
+        if catalog.draws_views(settings.model):
+            draw_view_settings(layout, settings, context)
         col = layout.column(align=True)
-        for name in properties.CUSTOMIZABLE:
+        for name in properties.customizable(settings.model):
             draw_value(col, settings, name)
         col.prop(settings, "remove_background")
         col.prop(settings, "device")
@@ -141,6 +170,11 @@ class IMAGE_TO_3D_PT_advanced(bpy.types.Panel):
     bl_category = "Image to 3D"
     bl_parent_id = "IMAGE_TO_3D_PT_sidebar"
     bl_options = {"DEFAULT_CLOSED"}
+
+    @classmethod
+    def poll(cls, context):
+        settings = getattr(context.scene, "image_to_3d", None)
+        return settings is not None and not catalog.draws_views(settings.model)  # no source size to set
 
     def draw(self, context):
         layout = self.layout

@@ -28,13 +28,15 @@ def extension():
 
 def test_catalogue_mirrors_the_backend_defaults():
     catalog = extension()
-    assert [i[0] for i in catalog.model_items()] == [s.id for s in registry.panel_models()]
-    assert "triposr" in registry.MODELS and not any(i[0].startswith("instantmesh") for i in catalog.model_items())
+    assert [i[0] for i in catalog.model_items()] == list(registry.MODELS)
+    assert [m for m in registry.MODELS if catalog.draws_views(m)] == ["instantmesh-large", "instantmesh-base"]
     assert catalog.defaults("triposr") == {"resolution": 256, "threshold": 25.0, "foreground_ratio": 0.85,
                                            "source_size": 512, "patch": 16}
     assert catalog.defaults("openlrm-base") == {"resolution": 384, "threshold": 3.0, "foreground_ratio": 0.8,
                                                 "source_size": 336, "patch": 14}
     assert catalog.size_text("triposr") == "1.7 GB" and catalog.size_text("openlrm-obj-small") == "about 445.6 MB"
+    assert catalog.size_text("instantmesh-large") == "about 5.4 GB"  # Zero123++'s files counted at their estimates
+    assert catalog.VIEW_DEFAULTS == {"steps": 75, "guidance": 4.0, "seed": 42}
 
 
 def test_licence_state_and_acceptance(tmp_path, monkeypatch):

@@ -2,13 +2,14 @@
 parity fixture), both stages from an image (tiny random Zero123++ + the tiny LRM), and the refusals."""
 
 import json
-import shutil
+import sys
+import time
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from support import DATA, assert_same_mesh, run_backend
+from support import DATA, ROOT, assert_same_mesh, run_backend
 
 from backend import mesh as meshio
 from backend.models import instantmesh as im
@@ -18,11 +19,9 @@ GRID = TINY / "views_grid_960x640.png"
 
 
 def stage2_folder(root):
-    """The tiny LRM under the names instantmesh-large looks for, with its own config (used instead of ours)."""
-    root.mkdir(parents=True, exist_ok=True)
-    shutil.copy(TINY / "tiny_config.yaml", root / "tiny_config.yaml")
-    shutil.copy(TINY / "tiny_instant_mesh.ckpt", root / "instant_mesh_large.ckpt")
-    return root
+    from zero123pp_tiny import add_lrm
+
+    return add_lrm(root)
 
 
 def config_env(tmp_path):
@@ -49,14 +48,9 @@ def test_views_grid_reproduces_the_reference_mesh(tmp_path):
 def full_folder(tmp_path_factory):
     pytest.importorskip("diffusers")
     pytest.importorskip("transformers")
-    from zero123pp_tiny import make_folder
+    from zero123pp_tiny import make_instantmesh_folder
 
-    from backend.models import zero123pp_load as zl
-
-    root = make_folder(tmp_path_factory.mktemp("instantmesh-large"))
-    unet = zl.load_state(root / "unet" / "diffusion_pytorch_model.safetensors")
-    torch.save({k: v.half() for k, v in unet.items()}, root / "diffusion_pytorch_model.bin")  # InstantMesh's UNet
-    return stage2_folder(root)
+    return make_instantmesh_folder(tmp_path_factory.mktemp("instantmesh-large"))
 
 
 def rgba_image(path):
@@ -85,6 +79,51 @@ def test_image_to_views_to_mesh(tmp_path, full_folder):
     assert r.returncode == 0, r.stderr
     same = meshio.load_npz(again)
     assert np.array_equal(same.faces, mesh.faces) and np.allclose(same.vertices, mesh.vertices, atol=1e-6)
+
+
+def test_worker_reports_each_step_and_hands_back_the_views(tmp_path, full_folder, monkeypatch):
+    """What Blender's operator sees: per-step progress, then the mesh and the views grid in the job folder,
+    the same mesh as the CLI gives for the same seed; a cancel lands between two steps."""
+    from backend import client as wire
+    from backend import licences
+
+    monkeypatch.setenv("IMAGE_TO_3D_CONFIG_DIR", str(tmp_path / "config"))
+    licences.accept("CC-BY-NC-4.0", "instantmesh-large")
+    options = {"model": "instantmesh-large", "weights": str(full_folder), "device": "cpu", "steps": 3, "seed": 1,
+               "guidance": 4.0}
+    image = rgba_image(tmp_path / "in.png")
+    w = wire.Worker(sys.executable, ROOT, temp_dir=str(tmp_path / "jobs"))
+    try:
+        job = w.submit(str(image), options)
+        w.wait(timeout=300)
+        assert job.state == wire.DONE, (job.error, w.log_tail())
+        assert job.views_path == str(job.job_dir / "views.png")
+        with Image.open(job.views_path) as grid:
+            assert grid.size == (640, 960)
+        served = meshio.load_npz(job.result_path)
+        out = tmp_path / "cli.npz"
+        r = run_backend("generate", image, "-o", out, "--model", "instantmesh-large", "--weights", full_folder,
+                        "--steps", 3, "--seed", 1, env=config_env(tmp_path))
+        assert r.returncode == 0, r.stderr
+        cli = meshio.load_npz(out)
+        assert np.array_equal(served.faces, cli.faces) and np.allclose(served.vertices, cli.vertices, atol=1e-6)
+        job.cleanup()
+
+        job = w.submit(str(image), dict(options, steps=400))
+        steps_seen = set()
+        deadline = time.monotonic() + 120
+        while "step 2/400" not in job.message and not job.finished and time.monotonic() < deadline:
+            w.poll()
+            if job.stage == "generating_views":
+                steps_seen.add(job.message)
+            time.sleep(0.005)
+        w.cancel()
+        w.wait(timeout=60)
+        assert job.state == wire.CANCELLED and w.running  # stopped between steps, the worker lives on
+        assert any("step 1/400" in m for m in steps_seen)
+        assert not job.job_dir.exists()
+    finally:
+        w.stop()
 
 
 @pytest.mark.parametrize("args, status, message", [
@@ -133,7 +172,7 @@ def test_registry_and_preprocessing():
     assert spec.multiview and spec.licence == "CC-BY-NC-4.0" and spec.default_resolution == 128
     assert spec.file_names[:2] == ("instant_mesh_base.ckpt", "diffusion_pytorch_model.bin")
     assert "unet/diffusion_pytorch_model.safetensors" not in spec.file_names  # InstantMesh's UNet replaces it
-    assert [s.id for s in registry.panel_models()] == [m for m in registry.MODELS if not m.startswith("instantmesh")]
+    assert spec.download_size is None and 5.0e9 < spec.approx_download_size < 5.2e9  # Zero123++'s sizes: estimates
     rgba = np.zeros((100, 60, 4), np.uint8)
     rgba[10:90, 20:40] = (10, 200, 30, 255)
     out = preprocess.prepare(Image.fromarray(rgba, "RGBA"), recipe="instantmesh")

@@ -1,8 +1,10 @@
 """A tiny Zero123++ v1.2 folder in sudo-ai/zero123plus-v1.2's layout, built in a test's tmp folder (shared by
-test_zero123pp.py and test_instantmesh_cli.py). Needs diffusers and transformers."""
+test_zero123pp.py and test_instantmesh_cli.py), and a whole tiny InstantMesh folder (the Blender tests build
+it with ``python tests/zero123pp_tiny.py DIR`` in the backend's Python). Needs diffusers and transformers."""
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +13,7 @@ import torch
 from backend.models import zero123pp_load as zl
 
 DATA = Path(__file__).parent / "data" / "zero123pp_tiny"
+LRM = Path(__file__).parent / "data" / "instantmesh_tiny"
 WIDTH = 16  # CLIP widths = the UNet's cross_attention_dim
 
 
@@ -63,3 +66,24 @@ def make_folder(root: Path) -> Path:
     (root / "model_index.json").write_text(json.dumps({"_class_name": "Zero123PlusPipeline",
                                                        "ramping_coefficients": ramp}))
     return root
+
+
+def add_lrm(root: Path) -> Path:
+    """The tiny LRM under the names instantmesh-large looks for, with its own config (used instead of ours)."""
+    root.mkdir(parents=True, exist_ok=True)
+    shutil.copy(LRM / "tiny_config.yaml", root / "tiny_config.yaml")
+    shutil.copy(LRM / "tiny_instant_mesh.ckpt", root / "instant_mesh_large.ckpt")
+    return root
+
+
+def make_instantmesh_folder(root: Path) -> Path:
+    """Both stages of a tiny instantmesh-large: Zero123++'s layout, InstantMesh's UNet .bin (fp16, as the
+    official one) and the tiny LRM checkpoint."""
+    make_folder(root)
+    unet = zl.load_state(root / "unet" / "diffusion_pytorch_model.safetensors")
+    torch.save({k: v.half() for k, v in unet.items()}, root / "diffusion_pytorch_model.bin")
+    return add_lrm(root)
+
+
+if __name__ == "__main__":
+    make_instantmesh_folder(Path(sys.argv[1]))

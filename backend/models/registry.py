@@ -57,6 +57,11 @@ class ModelSpec:
         sizes = [f.size for f in self.files]
         return None if None in sizes else sum(sizes)
 
+    @property
+    def approx_download_size(self) -> int:
+        """For display only: exact sizes where known, the spec's estimates for the others."""
+        return sum(f.size or APPROX_BYTES.get((f.repo, f.path), 0) for f in self.files)
+
 
 SINGLE, MULTIVIEW = "single", "multiview"
 
@@ -128,6 +133,10 @@ ZERO123PP_FILES = (
     "tokenizer/tokenizer_config.json", "vision_encoder/config.json",
     "vision_encoder/model.safetensors", "feature_extractor_clip/preprocessor_config.json",
     "feature_extractor_vae/preprocessor_config.json", "scheduler/scheduler_config.json")
+# Sizes with no published record yet (spec instantmesh.md §1.1, fp16 files): shown to the user, never checked.
+APPROX_BYTES = {(ZERO123PP_REPO, "vae/diffusion_pytorch_model.safetensors"): 167_000_000,
+                (ZERO123PP_REPO, "text_encoder/model.safetensors"): 681_000_000,
+                (ZERO123PP_REPO, "vision_encoder/model.safetensors"): 1_264_000_000}
 INSTANTMESH_UNET = RemoteFile(INSTANTMESH_REPO, INSTANTMESH_REVISION, "diffusion_pytorch_model.bin", 1_732_056_502,
                               "9d78d78421d1feb6871d13e13e86ed8099628648d7d9c51ffca9015b7d5fa3c4")
 INSTANTMESH_CHECKPOINTS = {  # instant_mesh_{size}.ckpt: bytes, sha256
@@ -168,11 +177,6 @@ ALIASES = {f"openlrm-{size}": f"openlrm-mix-{size}" for size in OPENLRM_SIZES}
 U2NET = RemoteFile("danielgatis/rembg", "v0.0.0", "u2net.onnx", None, None,
                    url="https://github.com/danielgatis/rembg/releases/download/v0.0.0/u2net.onnx",
                    md5="60024c5c889badc19c04ad937298a77b")
-
-
-def panel_models() -> list[ModelSpec]:
-    """The models a front-end drives today: one image in, one mesh out (multi-view models not yet)."""
-    return [spec for spec in MODELS.values() if not spec.multiview]
 
 
 def get(model_id: str) -> ModelSpec:

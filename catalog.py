@@ -55,8 +55,13 @@ MAX_STEPS, MAX_GUIDANCE = pipeline.MAX_STEPS, pipeline.MAX_GUIDANCE
 
 def draws_views(model_id: str) -> bool:
     """A multi-view model (InstantMesh): it draws six views first (steps, guidance, seed), then meshes them
-    at its own surface level (no threshold) from a fixed input size (no source size)."""
+    from their fixed size (no source size)."""
     return spec(model_id).multiview
+
+
+def uses_threshold(model_id: str) -> bool:
+    """False where the model fixes its surface level (InstantMesh's mesh variants: SDF 0)."""
+    return spec(model_id).default_threshold is not None
 
 
 # -- licences ---------------------------------------------------------------------------------------

@@ -3,7 +3,8 @@
 The model list comes from the backend's registry. Resolution, threshold and foreground ratio follow the
 chosen model's own values until the user sets one (``use_custom_*``): then that value is sent, otherwise
 None, which the backend reads as "the model's default". Source size 0 means the model's.
-Multi-view models (InstantMesh) have no threshold and no source size; they take steps, guidance and seed.
+Multi-view models (InstantMesh) have no source size (and the mesh variants no threshold); they take steps,
+guidance and seed.
 """
 
 import bpy
@@ -20,7 +21,7 @@ VIEW_SETTINGS = ("steps", "guidance", "seed")
 
 def customizable(model_id: str) -> tuple:
     """The model-default settings this model uses."""
-    return tuple(n for n in CUSTOMIZABLE if not (n == "threshold" and catalog.draws_views(model_id)))
+    return tuple(n for n in CUSTOMIZABLE if n != "threshold" or catalog.uses_threshold(model_id))
 
 _applying_defaults = False  # set while the model's defaults are written: those writes are not the user's
 
@@ -81,14 +82,15 @@ class ImageTo3DSettings(bpy.types.PropertyGroup):
                         description="The reconstruction model (its weights are downloaded once, in the preferences)")
     resolution: IntProperty(name="Resolution", description="Size of the grid the surface is extracted on: more "
                                                            "detail, more time and memory (the model's own: "
-                                                           "TripoSR 256, OpenLRM 384, InstantMesh 128)",
+                                                           "TripoSR 256, OpenLRM 384, InstantMesh 128, "
+                                                           "InstantNeRF 256)",
                             default=256, min=32, max=1024, soft_min=64, soft_max=512, step=32,
                             update=_marks_custom("resolution"))
     use_custom_resolution: BoolProperty(name="Own Resolution", default=False, update=_custom_toggled,
                                         description="Use this resolution instead of the model's own")
     threshold: FloatProperty(name="Threshold", description="Density at which the surface is extracted: lower "
                                                            "gives a fuller shape, higher a thinner one (the "
-                                                           "model's own: TripoSR 25, OpenLRM 3)",
+                                                           "model's own: TripoSR 25, OpenLRM 3, InstantNeRF 10)",
                              default=25.0, min=0.001, soft_max=100.0, precision=3, step=10,
                              update=_marks_custom("threshold"))
     use_custom_threshold: BoolProperty(name="Own Threshold", default=False, update=_custom_toggled,

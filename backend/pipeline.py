@@ -101,21 +101,23 @@ def check_views_image(path: Path) -> None:
 
 def _check_model_options(spec, options: Options) -> None:
     """Options that one kind of model cannot use are refused rather than ignored."""
-    if spec.multiview and options.views is not None:
-        unused = {"--threshold": options.threshold, "--source-size": options.source_size,
-                  "--save-views": options.save_views, "--steps": options.steps, "--guidance": options.guidance,
-                  "--seed": options.seed}
-        why = "the views are given, so no image is prepared and no views are generated"
-    elif spec.multiview:
-        unused = {"--threshold": options.threshold, "--source-size": options.source_size}
-        why = f"{spec.display_name} extracts its surface at SDF 0 from generated views"
+    drawing = {"--save-views": options.save_views, "--steps": options.steps, "--guidance": options.guidance,
+               "--seed": options.seed}
+    rules = []
+    if spec.default_threshold is None:
+        rules.append(({"--threshold": options.threshold}, f"{spec.display_name} extracts its surface at SDF 0"))
+    if spec.multiview:
+        rules.append(({"--source-size": options.source_size},
+                      f"{spec.display_name} reconstructs from generated views of a fixed size"))
+        if options.views is not None:
+            rules.append((drawing, "the views are given, so no image is prepared and no views are generated"))
     else:
-        unused = {"--views": options.views, "--save-views": options.save_views, "--steps": options.steps,
-                  "--guidance": options.guidance, "--seed": options.seed}
-        why = f"{spec.display_name} reconstructs from the image alone (no view generation)"
-    given = [name for name, value in unused.items() if value is not None]
-    if given:
-        raise InputError(f"{', '.join(given)} does not apply: {why}")
+        rules.append(({"--views": options.views, **drawing},
+                      f"{spec.display_name} reconstructs from the image alone (no view generation)"))
+    for unused, why in rules:
+        given = [name for name, value in unused.items() if value is not None]
+        if given:
+            raise InputError(f"{', '.join(given)} does not apply: {why}")
 
 
 def check_source_size(size: int, patch: int) -> int:

@@ -96,11 +96,12 @@ def job_options(settings, prefs) -> dict:
         "remove_background": bool(settings.remove_background),
         "device": device,
     }
+    if catalog.uses_threshold(settings.model):
+        options["threshold"] = round(float(settings.threshold), 6) if settings.use_custom_threshold else None
     if catalog.draws_views(settings.model):
         options.update(steps=int(settings.steps), guidance=round(float(settings.guidance), 4), seed=int(settings.seed))
     else:
-        options.update(threshold=round(float(settings.threshold), 6) if settings.use_custom_threshold else None,
-                       source_size=int(settings.source_size) or None)
+        options["source_size"] = int(settings.source_size) or None
     return options
 
 

@@ -29,7 +29,11 @@ def extension():
 def test_catalogue_mirrors_the_backend_defaults():
     catalog = extension()
     assert [i[0] for i in catalog.model_items()] == list(registry.MODELS)
-    assert [m for m in registry.MODELS if catalog.draws_views(m)] == ["instantmesh-large", "instantmesh-base"]
+    assert [m for m in registry.MODELS if catalog.draws_views(m)] == [
+        "instantmesh-large", "instantmesh-base", "instantnerf-large", "instantnerf-base"]
+    assert [m for m in registry.MODELS if not catalog.uses_threshold(m)] == ["instantmesh-large", "instantmesh-base"]
+    assert catalog.defaults("instantnerf-base")["threshold"] == 10.0 and catalog.defaults("instantnerf-base")[
+        "resolution"] == 256
     assert catalog.defaults("triposr") == {"resolution": 256, "threshold": 25.0, "foreground_ratio": 0.85,
                                            "source_size": 512, "patch": 16}
     assert catalog.defaults("openlrm-base") == {"resolution": 384, "threshold": 3.0, "foreground_ratio": 0.8,

@@ -287,7 +287,11 @@ def test_strict_loading_fails(tmp_path, edit, message):
 
 
 @pytest.mark.parametrize("config_edit, message", [
-    (lambda c: c["model_config"].update({"target": "src.models.lrm.InstantNeRF"}), "not supported"),
+    (lambda c: c["model_config"].update({"target": "src.models.lrm.Other"}), "not supported"),
+    (lambda c: c["model_config"].update({"target": "src.models.lrm.InstantNeRF"}), r"unknown \['grid_res', 'grid_scale'\]"),
+    (lambda c: [c["model_config"].update({"target": "src.models.lrm.InstantNeRF"}),
+                c["model_config"]["params"].pop("grid_res"), c["model_config"]["params"].pop("grid_scale")],
+     "does not match the model's layout: 8 missing: synthesizer.decoder.net.0.weight"),  # a mesh checkpoint
     (lambda c: c["model_config"]["params"].update({"encoder_model_name": "other"}), "unknown image encoder"),
     (lambda c: c["model_config"]["params"].pop("grid_res"), "missing"),
     (lambda c: c["model_config"]["params"].update({"triplane_dim": 9}), "wrong shape"),

@@ -1,7 +1,8 @@
-"""InstantMesh stage 2, mesh variants (instant-mesh-{large,base}): six generated views + their fixed cameras
--> DINO ViT-B/16 whose LayerNorms are modulated by each view's camera -> triplane transformer (learned
-tokens cross-attending to all views' tokens) -> ×2 deconvolution -> triplanes -> SDF, deformation and
-FlexiCubes weights -> FlexiCubes mesh -> vertex colours.
+"""InstantMesh stage 2: six generated views + their fixed cameras -> DINO ViT-B/16 whose LayerNorms are
+modulated by each view's camera -> triplane transformer (learned tokens cross-attending to all views' tokens)
+-> ×2 deconvolution -> triplanes. Then, in the mesh variants (instant-mesh-{large,base}): SDF, deformation and
+FlexiCubes weights -> FlexiCubes mesh -> vertex colours; in the NeRF variants (instant-nerf-{large,base}): one
+decoder for density and colour -> marching cubes on the density (iso 10, 256³) -> vertex colours.
 
 Stage 1 (Zero123++ making the views from one image) is not here: this takes the 960×640 grid of six
 320×320 views it produces. Loads the official checkpoint layout (``{'state_dict': ...}``, keys prefixed
@@ -29,15 +30,18 @@ from ..mesh import Mesh, truncate_to_bytes
 from . import flexicubes
 from .checkpoint import assign_weights, load_safetensors_file, load_torch_file, named
 from .lrm_transformer import TransformerDecoder, upsample_triplanes
-from .triplane import EG3D_PLANE_AXES, mlp_layers, sample_planes
+from .triplane import EG3D_PLANE_AXES, TriplaneField, mlp_layers, sample_planes
 from .vit import ViTConfig, ViTModel
 
-TARGET = "src.models.lrm_mesh.InstantMesh"
+MESH, NERF = "mesh", "nerf"
+TARGETS = {"src.models.lrm_mesh.InstantMesh": MESH, "src.models.lrm.InstantNeRF": NERF}  # the reference's classes
 KEY_PREFIX = "lrm_generator."
 KNOWN_ENCODERS = {"facebook/dino-vitb16": ViTConfig()}  # ViTConfig's defaults are dino-vitb16's
-PARAM_KEYS = {"encoder_feat_dim", "encoder_freeze", "encoder_model_name", "transformer_dim", "transformer_layers",
-              "transformer_heads", "triplane_low_res", "triplane_high_res", "triplane_dim",
-              "rendering_samples_per_ray", "grid_res", "grid_scale"}
+NERF_PARAM_KEYS = {"encoder_feat_dim", "encoder_freeze", "encoder_model_name", "transformer_dim",
+                   "transformer_layers", "transformer_heads", "triplane_low_res", "triplane_high_res", "triplane_dim",
+                   "rendering_samples_per_ray"}
+PARAM_KEYS = {MESH: NERF_PARAM_KEYS | {"grid_res", "grid_scale"}, NERF: NERF_PARAM_KEYS}
+NERF_GRID_RES, NERF_ISO = 256, 10.0  # the reference's extract_mesh: marching cubes on σ over [-1, 1]³
 PIXEL_MEAN, PIXEL_STD = 0.5, 0.5  # facebook/dino-vitb16's processor (not ImageNet's)
 HEAD_WIDTH, HEAD_HIDDEN_LAYERS = 64, 3
 DEFORMATION_MULTIPLIER = 4.0  # deformation = tanh(raw) / (multiplier · grid_res)
@@ -62,13 +66,15 @@ class InstantMeshConfig:
     transformer_heads: int
     triplane_low_res: int
     triplane_dim: int
-    grid_res: int
-    grid_scale: float
+    grid_res: int  # FlexiCubes grid (mesh) or marching-cubes grid (NeRF)
+    grid_scale: float  # the FlexiCubes grid's side (mesh only; the NeRF grid spans [-1, 1]³)
+    kind: str = MESH
 
 
-def config_from_params(params: dict, encoders: Optional[dict] = None, source: str = "config") -> InstantMeshConfig:
+def config_from_params(params: dict, encoders: Optional[dict] = None, source: str = "config",
+                       kind: str = MESH) -> InstantMeshConfig:
     """``model_config.params`` of the reference's YAML -> config. ``encoders`` adds ViT configs by name."""
-    missing, unknown = PARAM_KEYS - params.keys(), params.keys() - PARAM_KEYS
+    missing, unknown = PARAM_KEYS[kind] - params.keys(), params.keys() - PARAM_KEYS[kind]
     if missing or unknown:
         raise WeightsError(f"{source} is not an InstantMesh config: " + "; ".join(
             f"{label} {sorted(keys)}" for label, keys in (("missing", missing), ("unknown", unknown)) if keys))
@@ -80,7 +86,9 @@ def config_from_params(params: dict, encoders: Optional[dict] = None, source: st
     if int(params["encoder_feat_dim"]) != encoder.hidden_size:
         raise WeightsError(f"{source}: encoder_feat_dim {params['encoder_feat_dim']} differs from the width "
                            f"{encoder.hidden_size} of {name}")
-    cfg = InstantMeshConfig(encoder=encoder, grid_scale=float(params["grid_scale"]), **{k: int(params[k]) for k in (
+    if kind == NERF:
+        params = {**params, "grid_res": NERF_GRID_RES, "grid_scale": 2.0}
+    cfg = InstantMeshConfig(encoder=encoder, grid_scale=float(params["grid_scale"]), kind=kind, **{k: int(params[k]) for k in (
         "transformer_dim", "transformer_layers", "transformer_heads", "triplane_low_res", "triplane_dim", "grid_res")})
     if cfg.transformer_dim % cfg.transformer_heads:
         raise WeightsError(f"{source}: transformer_dim is not a multiple of transformer_heads")
@@ -100,14 +108,15 @@ def read_config(path: Path) -> tuple[InstantMeshConfig, dict]:
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
         model = raw["model_config"]
-        if model.get("target") != TARGET:
-            raise WeightsError(f"{path}: model {model.get('target')!r} is not supported (only {TARGET}, the mesh "
-                               f"variants)")
+        kind = TARGETS.get(model.get("target"))
+        if kind is None:
+            raise WeightsError(f"{path}: model {model.get('target')!r} is not supported (only "
+                               f"{' and '.join(TARGETS)})")
         params = model["params"]
         name = str(params.get("encoder_model_name", ""))
         side = raw.get(name.replace("-", "_"))
         encoders = {name: ViTConfig.from_json_dict(side)} if isinstance(side, dict) else None
-        return config_from_params(params, encoders, str(path)), dict(raw.get("infer_config") or {})
+        return config_from_params(params, encoders, str(path), kind), dict(raw.get("infer_config") or {})
     except WeightsError:
         raise
     except (yaml.YAMLError, KeyError, TypeError, ValueError, AttributeError) as e:
@@ -172,16 +181,16 @@ class TriplaneTransformer(TransformerDecoder):
         return upsample_triplanes(self.deconv, self(tokens, image_feats, None, check), self.res)
 
 
-class InstantMesh(nn.Module):
-    def __init__(self, cfg: InstantMeshConfig):
+class SparseViewLRM(nn.Module):
+    """What both variants share: views -> triplanes, and the decoder heads read at points of the planes."""
+
+    def __init__(self, cfg: InstantMeshConfig, heads: dict):
         super().__init__()
         self.cfg = cfg
         feat = cfg.encoder.hidden_size
         self.encoder = named(model=ViTModel(cfg.encoder, mod_dim=feat, pooler=False),
                               camera_embedder=nn.Sequential(nn.Linear(16, feat), nn.SiLU(), nn.Linear(feat, feat)))
         self.transformer = TriplaneTransformer(cfg)
-        c3 = 3 * cfg.triplane_dim
-        heads = {"net_sdf": (c3, 1), "net_rgb": (c3, 3), "net_deformation": (c3, 3), "net_weight": (8 * c3, 21)}
         self.synthesizer = named(decoder=named(**{name: mlp_layers(n_in, HEAD_WIDTH, HEAD_HIDDEN_LAYERS, "relu", n_out)
                                                     for name, (n_in, n_out) in heads.items()}))
 
@@ -218,6 +227,34 @@ class InstantMesh(nn.Module):
         net = getattr(self.heads, name)
         out = [net(self.features(planes, p)) for p in points.split(POINTS_PER_CHUNK)]
         return torch.cat(out) if out else planes.new_zeros(0, net[-1].out_features)
+
+    def reconstruct_views(self, grid, options, stages) -> Mesh:
+        """Stage 2 on the 960×640 grid of six views (path, PIL image or uint8 array) -> Mesh in Blender's
+        frame, colours truncated to bytes as the reference does. ``options.resolution``: the surface grid
+        (None: the config's)."""
+        from ..pipeline import STAGE_ENCODE, STAGE_TRIPLANE
+
+        res = int(options.resolution or self.cfg.grid_res)
+        stages.begin(STAGE_ENCODE, "encoding the views")
+        feats = self.encode(views_from_grid(grid), input_cameras(), stages.check)
+        stages.begin(STAGE_TRIPLANE, "building triplanes")
+        planes = self.triplanes(feats, stages.check)
+        vertices, faces, colors = self.surface(planes, res, options, stages)
+        return Mesh(to_blender(np.asarray(vertices, np.float32)), np.asarray(faces), truncate_to_bytes(colors),
+                    stats={"resolution": res, "views": GRID_ROWS * GRID_COLS})
+
+    def surface(self, planes: torch.Tensor, res: int, options, stages):
+        """planes -> vertices (V, 3), faces (F, 3) in the LRM frame, colours (V, 3) in [0, 1], as numpy."""
+        raise NotImplementedError
+
+
+class InstantMesh(SparseViewLRM):
+    """The mesh variants: SDF, deformation and FlexiCubes weights, then FlexiCubes at SDF 0."""
+
+    def __init__(self, cfg: InstantMeshConfig):
+        c3 = 3 * cfg.triplane_dim
+        super().__init__(cfg, {"net_sdf": (c3, 1), "net_rgb": (c3, 3), "net_deformation": (c3, 3),
+                               "net_weight": (8 * c3, 21)})
 
     def colors(self, planes: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
         """Colour (N, 3) at points, before clamping (the reference's ``get_texture_prediction``)."""
@@ -273,17 +310,10 @@ class InstantMesh(nn.Module):
         vertices, faces = self.extract_geometry(planes, res)
         return vertices, faces, self.colors(planes, vertices).clamp(0, 1)
 
-    def reconstruct_views(self, grid, options, stages) -> Mesh:
-        """Stage 2 on the 960×640 grid of six views (path, PIL image or uint8 array) -> Mesh in Blender's
-        frame, unused dual vertices dropped, colours truncated to bytes as the reference does.
-        ``options.resolution``: the FlexiCubes grid (None: the config's, 128)."""
-        from ..pipeline import STAGE_COLOR, STAGE_ENCODE, STAGE_SURFACE, STAGE_TRIPLANE
+    def surface(self, planes: torch.Tensor, res: int, options, stages):
+        """FlexiCubes, unused dual vertices dropped, colours clamped to [0, 1]."""
+        from ..pipeline import STAGE_COLOR, STAGE_SURFACE
 
-        res = int(options.resolution or self.cfg.grid_res)
-        stages.begin(STAGE_ENCODE, "encoding the views")
-        feats = self.encode(views_from_grid(grid), input_cameras(), stages.check)
-        stages.begin(STAGE_TRIPLANE, "building triplanes")
-        planes = self.triplanes(feats, stages.check)
         stages.begin(STAGE_SURFACE, f"FlexiCubes at {res}³")
         vertices, faces = self.extract_geometry(planes, res, on_fraction=stages.update)
         if len(faces) == 0:
@@ -292,10 +322,29 @@ class InstantMesh(nn.Module):
         stages.begin(STAGE_COLOR, "colouring vertices")
         used, faces = torch.unique(faces, return_inverse=True)
         vertices = vertices[used]
-        colors = self.colors(planes, vertices).clamp(0, 1).numpy()
-        vertices = vertices.numpy()
-        return Mesh(to_blender(vertices), faces.numpy(), truncate_to_bytes(colors),
-                    stats={"resolution": res, "views": GRID_ROWS * GRID_COLS})
+        return vertices.numpy(), faces.numpy(), self.colors(planes, vertices).clamp(0, 1).numpy()
+
+
+class InstantNeRF(SparseViewLRM):
+    """The NeRF variants: one decoder ``net`` gives σ = softplus(raw − 1) and the colour, as OpenLRM's does; the
+    mesh is marching cubes on σ at the threshold (the reference's 10) over [-1, 1]³."""
+
+    def __init__(self, cfg: InstantMeshConfig):
+        super().__init__(cfg, {"net": (3 * cfg.triplane_dim, 4)})
+
+    def field(self, planes: torch.Tensor) -> TriplaneField:
+        return TriplaneField(planes, self.heads.net, radius=1.0, density_bias=-1.0, plane_axes=EG3D_PLANE_AXES,
+                             density_activation="softplus", color_margin=COLOR_MARGIN)
+
+    def surface(self, planes: torch.Tensor, res: int, options, stages):
+        from ..surface import colored_surface
+
+        threshold = NERF_ISO if options.threshold is None else float(options.threshold)
+        vertices, faces, colors = colored_surface(self.field(planes), res, threshold, stages)
+        return vertices, faces, np.clip(colors, 0.0, 1.0)
+
+
+MODEL_CLASSES = {MESH: InstantMesh, NERF: InstantNeRF}
 
 
 def repair_empty_shape(sdf: torch.Tensor, res: int, scale: float) -> torch.Tensor:
@@ -329,7 +378,7 @@ def read_state_dict(path: Path) -> dict:
     return out
 
 
-def load(config: Path, device: torch.device, weights: Optional[Path] = None) -> InstantMesh:
+def load(config: Path, device: torch.device, weights: Optional[Path] = None) -> SparseViewLRM:
     """Build from the YAML ``config`` and strictly load ``weights`` (default: the file named by the
     config's ``infer_config.model_path``, looked up beside the config)."""
     config = Path(config)
@@ -339,6 +388,6 @@ def load(config: Path, device: torch.device, weights: Optional[Path] = None) -> 
             raise WeightsError(f"{config} names no weights (infer_config.model_path) and none were given")
         weights = config.parent / Path(str(infer["model_path"])).name
     with torch.device("meta"):
-        model = InstantMesh(cfg)
+        model = MODEL_CLASSES[cfg.kind](cfg)
     model = assign_weights(model, read_state_dict(weights), str(weights))
     return model.to(device) if device.type != "cpu" else model

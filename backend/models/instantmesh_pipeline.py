@@ -2,7 +2,7 @@
 (zero123pp.py), the sparse-view LRM meshes them (instantmesh.py).
 
 The model folder holds sudo-ai/zero123plus-v1.2's files at their repository paths and, at its root,
-InstantMesh's fine-tuned UNet (``diffusion_pytorch_model.bin``) and ``instant_mesh_{size}.ckpt``. Stage 1 is
+InstantMesh's fine-tuned UNet (``diffusion_pytorch_model.bin``) and ``instant_{mesh,nerf}_{size}.ckpt``. Stage 1 is
 loaded on first use only, so that reconstructing ready-made views needs the checkpoint alone.
 """
 
@@ -20,9 +20,9 @@ BUNDLED_CONFIGS = Path(__file__).parent / "configs"
 UNET_FILE = "diffusion_pytorch_model.bin"
 
 
-def config_path(folder: Path, size: str) -> Path:
-    """The stage-2 YAML: ``instant-mesh-{size}.yaml`` or the only ``*.yaml`` in the folder, else ours."""
-    name = f"instant-mesh-{size}.yaml"
+def config_path(folder: Path, size: str, variant: str = "mesh") -> Path:
+    """The stage-2 YAML: ``instant-{variant}-{size}.yaml`` or the only ``*.yaml`` in the folder, else ours."""
+    name = f"instant-{variant}-{size}.yaml"
     if (folder / name).is_file():
         return folder / name
     found = sorted(folder.glob("*.yaml"))
@@ -33,10 +33,11 @@ def config_path(folder: Path, size: str) -> Path:
 
 
 class InstantMeshPipeline:
-    def __init__(self, folder, device, size: str):
+    def __init__(self, folder, device, size: str, variant: str = "mesh"):
+        """``variant``: "mesh" (FlexiCubes) or "nerf" (marching cubes on density)."""
         self.folder, self.device = Path(folder), torch.device(device)
-        checkpoint = self.folder / f"instant_mesh_{size}.ckpt"
-        self.lrm = instantmesh.load(config_path(self.folder, size), self.device, weights=checkpoint)
+        checkpoint = self.folder / f"instant_{variant}_{size}.ckpt"
+        self.lrm = instantmesh.load(config_path(self.folder, size, variant), self.device, weights=checkpoint)
         self.views_model = None
 
     def load_views_model(self):

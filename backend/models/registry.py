@@ -27,7 +27,7 @@ class ModelSpec:
     files: tuple  # RemoteFile records, pinned
     licence: str  # SPDX id of the weights' licence
     default_resolution: int
-    default_threshold: float
+    default_threshold: Optional[float]  # None: the surface is a level the model fixes (InstantMesh's SDF 0)
     loader: Callable  # (folder, device) -> model with .reconstruct()
     # Side of the square image the encoder sees, for display: the model applies it (TripoSR reads it from
     # its config, OpenLRM's loader is given it) unless Options.source_size says otherwise.
@@ -81,11 +81,11 @@ def _openlrm_loader(source_size: int):
     return load
 
 
-def _instantmesh_loader(size: str):
+def _instantmesh_loader(size: str, variant: str):
     def load(folder, device):
         from . import instantmesh_pipeline
 
-        return instantmesh_pipeline.InstantMeshPipeline(folder, device, size)
+        return instantmesh_pipeline.InstantMeshPipeline(folder, device, size, variant)
 
     return load
 
@@ -139,19 +139,25 @@ APPROX_BYTES = {(ZERO123PP_REPO, "vae/diffusion_pytorch_model.safetensors"): 167
                 (ZERO123PP_REPO, "vision_encoder/model.safetensors"): 1_264_000_000}
 INSTANTMESH_UNET = RemoteFile(INSTANTMESH_REPO, INSTANTMESH_REVISION, "diffusion_pytorch_model.bin", 1_732_056_502,
                               "9d78d78421d1feb6871d13e13e86ed8099628648d7d9c51ffca9015b7d5fa3c4")
-INSTANTMESH_CHECKPOINTS = {  # instant_mesh_{size}.ckpt: bytes, sha256
-    "large": (1_514_818_077, "329f7aae9b583fd7c1b27d0221463db7b808a03c48a1f7aa26649af6a03b91a1"),
-    "base": (1_253_574_354, "22701cd25201d624ebb1568b93cf91b43a2c32006835c08fe73e1f3c9f6c44b5"),
+# instant_{variant}_{size}.ckpt: bytes, sha256. "mesh": FlexiCubes at SDF 0, grid 128; "nerf": marching cubes
+# on density at 10, grid 256 (the same encoder and transformer, another decoder).
+INSTANTMESH_CHECKPOINTS = {
+    ("mesh", "large"): (1_514_818_077, "329f7aae9b583fd7c1b27d0221463db7b808a03c48a1f7aa26649af6a03b91a1"),
+    ("mesh", "base"): (1_253_574_354, "22701cd25201d624ebb1568b93cf91b43a2c32006835c08fe73e1f3c9f6c44b5"),
+    ("nerf", "large"): (1_514_088_389, "530a344ea9b856e012492b9644ab73532ddf7c06d548f60c489e49a528322fb9"),
+    ("nerf", "base"): (1_253_151_890, "bcbfff8be8545f8206110f432afddedfb4311abc1146b843ab2bdb6678f8d9c9"),
 }
 
 
 def _instantmesh_specs():
     views = tuple(RemoteFile(ZERO123PP_REPO, ZERO123PP_REVISION, path) for path in ZERO123PP_FILES)
-    for size, (ckpt_bytes, sha256) in INSTANTMESH_CHECKPOINTS.items():
-        ckpt = RemoteFile(INSTANTMESH_REPO, INSTANTMESH_REVISION, f"instant_mesh_{size}.ckpt", ckpt_bytes, sha256)
+    for (variant, size), (ckpt_bytes, sha256) in INSTANTMESH_CHECKPOINTS.items():
+        ckpt = RemoteFile(INSTANTMESH_REPO, INSTANTMESH_REVISION, f"instant_{variant}_{size}.ckpt", ckpt_bytes, sha256)
+        mesh = variant == "mesh"
         yield ModelSpec(
-            f"instantmesh-{size}", f"InstantMesh {size.title()}", INSTANTMESH_REPO, (ckpt, INSTANTMESH_UNET, *views),
-            "CC-BY-NC-4.0", 128, 0.0, _instantmesh_loader(size), preprocessing="instantmesh", kind=MULTIVIEW,
+            f"instant{variant}-{size}", f"InstantMesh {size.title()}" if mesh else f"InstantNeRF {size.title()}",
+            INSTANTMESH_REPO, (ckpt, INSTANTMESH_UNET, *views), "CC-BY-NC-4.0", 128 if mesh else 256,
+            None if mesh else 10.0, _instantmesh_loader(size, variant), preprocessing="instantmesh", kind=MULTIVIEW,
             views_stage_files=(ckpt.path,))
 
 

@@ -1,4 +1,5 @@
-"""InstantMesh in Blender: its own settings in the panel (steps, guidance, seed; no threshold, no source size),
+"""InstantMesh in Blender: its own settings in the panel (steps, guidance, seed; no source size, and no threshold
+but for the NeRF variants),
 the licence, then Generate 3D through the real worker with a tiny two-stage model (random Zero123++ in the
 official layout + the tiny LRM): per-step progress, the CLI's mesh, the six views kept as a packed image."""
 
@@ -69,7 +70,7 @@ def cli_mesh(tmp_path, folder):
 
 def test_the_panel_offers_instantmesh_with_its_own_settings(settings):
     ids = [i.identifier for i in settings.bl_rna.properties["model"].enum_items]
-    assert ids[-2:] == ["instantmesh-large", "instantmesh-base"]
+    assert ids[-4:] == ["instantmesh-large", "instantmesh-base", "instantnerf-large", "instantnerf-base"]
     assert (settings.steps, settings.guidance) == (STEPS, 4.0)
     assert settings.resolution == 128 and not settings.use_custom_resolution  # the official grid, dimmed
 
@@ -86,6 +87,16 @@ def test_the_panel_offers_instantmesh_with_its_own_settings(settings):
     assert "threshold" not in options and "source_size" not in options  # the backend refuses them
     assert addon_module("properties").effective(settings) == pytest.approx(
         {"resolution": 128, "foreground_ratio": 0.85, "steps": STEPS, "guidance": 4.0, "seed": SEED})
+
+    settings.model = "instantnerf-base"  # the NeRF variant: marching cubes on density, so a threshold too
+    text = panel_text()
+    assert "'threshold'" in text and "'steps'" in text and not bpy.types.IMAGE_TO_3D_PT_advanced.poll(bpy.context)
+    assert (settings.threshold, settings.resolution) == (10.0, 256)
+    options = gen().job_options(settings, prefs())
+    assert options["threshold"] is None and options["steps"] == STEPS and "source_size" not in options
+    settings.threshold = 5.0
+    assert gen().job_options(settings, prefs())["threshold"] == 5.0
+    settings.use_custom_threshold = False
 
     settings.model = "triposr"  # back to a single-view model: its threshold, its source size, no steps
     text = panel_text()

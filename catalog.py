@@ -132,16 +132,21 @@ def where_is(model_id: str, store: Path, weights_dir: str = "") -> tuple[str, Pa
     return "", None
 
 
-def download_size(model_id: str) -> int:
-    """Bytes to download: exact where the registry knows every size, else about."""
+def download_size(model_id: str, store: Path | None = None) -> int:
+    """Bytes to download: exact where the registry knows every size, else about. With ``store``: only what
+    is not there yet (nor shared from another model's files there)."""
     if model_id == U2NET:
         return U2NET_SIZE
-    return spec(model_id).approx_download_size
+    s = spec(model_id)
+    files = s.files if store is None else registry.missing_files(s, store)
+    return registry.approx_size(files)
 
 
-def size_text(model_id: str) -> str:
-    exact = model_id != U2NET and spec(model_id).download_size is not None
-    return ("" if exact else "about ") + hub.human_size(download_size(model_id))
+def size_text(model_id: str, store: Path | None = None) -> str:
+    files = () if model_id == U2NET else spec(model_id).files if store is None else registry.missing_files(
+        spec(model_id), store)
+    exact = model_id != U2NET and all(f.size is not None for f in files)
+    return ("" if exact else "about ") + hub.human_size(download_size(model_id, store))
 
 
 def partial_bytes(model_id: str, store: Path) -> int:

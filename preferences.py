@@ -171,7 +171,7 @@ def draw_models(prefs, box, context):
             row.label(text=f"Ready, {WHERE_LABELS[where]}", icon="CHECKMARK")
         else:
             kept = catalog.partial_bytes(model_id, store)
-            size = catalog.size_text(model_id)
+            size = catalog.size_text(model_id, store)
             row.label(text=f"Missing ({size}{f', {human_size(kept)} fetched' if kept else ''})", icon="BLANK1")
         if task is not None:
             draw_task_progress(col, task, download_text(task))

@@ -84,7 +84,7 @@ def draw_model(layout, settings, context):
         missing.append((catalog.U2NET, "Background removal model"))
     for file_id, what in missing:
         row = layout.row()
-        row.label(text=f"{what} not downloaded ({catalog.size_text(file_id)})", icon="ERROR")
+        row.label(text=f"{what} not downloaded ({catalog.size_text(file_id, store)})", icon="ERROR")
         task = environment.running(f"download:{file_id}")
         if task is not None:
             row.label(text=f"Downloading {task.fraction:.0%}")

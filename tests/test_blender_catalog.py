@@ -136,3 +136,18 @@ def test_catalog_is_stdlib_only():
     for heavy in ("import torch", "import numpy", "import PIL", "import rembg", "import bpy"):
         assert heavy not in source
     json.dumps(extension().model_items())
+
+
+def test_the_download_size_counts_only_what_is_left(tmp_path):
+    """A model whose files another model already holds in the store (InstantMesh's variants share about
+    3.9 GB) shows only the rest."""
+    catalog = extension()
+    store = tmp_path / "store"
+    assert catalog.size_text("instantnerf-base", store) == "about 5.1 GB"
+    unet = registry.INSTANTMESH_UNET
+    path = store / "instantmesh-large" / unet.path
+    path.parent.mkdir(parents=True)
+    with open(path, "wb") as out:
+        out.truncate(unet.size)  # sparse, at the published size
+    assert catalog.download_size("instantnerf-base", store) == catalog.download_size("instantnerf-base") - unet.size
+    assert catalog.size_text("instantnerf-base", store) == "about 3.4 GB"

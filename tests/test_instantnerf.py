@@ -131,3 +131,29 @@ def test_a_level_with_no_surface_is_explained(tmp_path, tiny_nerf):
                     env={"IMAGE_TO_3D_CONFIG_DIR": str(tmp_path / "config")})
     assert r.returncode == 2 and "no surface found at threshold 1e+09" in r.stderr, r.stderr
     assert not (tmp_path / "out.npz").exists()
+
+
+def test_a_second_variant_reuses_the_files_the_first_downloaded(tmp_path):
+    """instantnerf-base after instantmesh-base: the Zero123++ files and the UNet (about 3.9 GB) are hard-linked
+    from the first download, not fetched again; only the NeRF checkpoint is left, and offline it is named."""
+    from backend.hub import OfflineError
+
+    store = tmp_path / "store"
+    first, second = registry.get("instantmesh-base"), registry.get("instantnerf-base")
+    for f in first.files[1:]:  # everything but the mesh checkpoint, as a finished download leaves it
+        path = store / first.id / f.path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "wb") as out:
+            out.truncate(f.size or 10)  # sparse: the UNet's published size without writing 1.7 GB
+    assert [f.path for f in registry.missing_files(second, store)] == ["instant_nerf_base.ckpt"]
+    with pytest.raises(OfflineError, match="instant_nerf_base.ckpt"):
+        registry.fetch("instantnerf-base", store, online=False)
+    for f in second.files[1:]:
+        assert (store / second.id / f.path).stat().st_ino == (store / first.id / f.path).stat().st_ino, f.path
+    assert not (store / second.id / "instant_nerf_base.ckpt").exists()
+    # A file of the wrong size is not shared (it would not be the published one).
+    with open(store / first.id / "diffusion_pytorch_model.bin", "r+b") as out:
+        out.truncate(5)
+    assert "diffusion_pytorch_model.bin" in [f.path for f in registry.missing_files(registry.get("instantnerf-large"),
+                                                                                    store)]
+

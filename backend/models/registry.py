@@ -60,10 +60,14 @@ class ModelSpec:
     @property
     def approx_download_size(self) -> int:
         """For display only: exact sizes where known, the spec's estimates for the others."""
-        return sum(f.size or APPROX_BYTES.get((f.repo, f.path), 0) for f in self.files)
+        return approx_size(self.files)
 
 
 SINGLE, MULTIVIEW = "single", "multiview"
+
+
+def approx_size(files) -> int:
+    return sum(f.size or APPROX_BYTES.get((f.repo, f.path), 0) for f in files)
 
 
 def _load_triposr(folder, device):
@@ -275,6 +279,47 @@ def load(spec: ModelSpec, weights: Optional[str], device, cache: Optional[dict] 
     return model
 
 
+def _verified_in(f: RemoteFile, folder: Path) -> bool:
+    """In the store a file exists only once verified (downloads land as ``.partial`` first); its size is
+    checked again where published."""
+    path = folder / f.path
+    return path.is_file() and (f.size is None or path.stat().st_size == f.size)
+
+
+def shared_copies(spec: ModelSpec, store: Optional[Path] = None) -> dict:
+    """{file: path} for the model's files that are missing from its store folder but that another model there
+    already holds (InstantMesh's four variants share Zero123++ and the fine-tuned UNet, about 3.9 GB)."""
+    store = Path(store or default_store())
+    found = {}
+    for f in spec.files:
+        if _verified_in(f, store / spec.id):
+            continue
+        for other in MODELS.values():
+            if other.id != spec.id and f in other.files and _verified_in(f, store / other.id):
+                found[f] = store / other.id / f.path
+                break
+    return found
+
+
+def missing_files(spec: ModelSpec, store: Optional[Path] = None) -> list:
+    """The model's files a download would fetch: not in its store folder and not shared from another model's."""
+    store = Path(store or default_store())
+    shared = shared_copies(spec, store)
+    return [f for f in spec.files if f not in shared and not _verified_in(f, store / spec.id)]
+
+
+def _link_shared(spec: ModelSpec, store: Path) -> None:
+    """Hard-link the files another model already downloaded (no second copy on disk). Where the file system
+    cannot, the file is downloaded as usual."""
+    for f, source in shared_copies(spec, store).items():
+        dest = store / spec.id / f.path
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(source, dest)
+        except OSError:
+            pass
+
+
 def fetch(model_id: str, store: Optional[Path] = None, *, token: Optional[str] = None,
           online: Optional[bool] = None, progress=None, cancelled=None) -> Path:
     """Download a model's files (or ``u2net``) into the store, verified. Returns the folder.
@@ -286,6 +331,8 @@ def fetch(model_id: str, store: Optional[Path] = None, *, token: Optional[str] =
     files = (U2NET,) if spec is None else spec.files
     folder = store / ("u2net" if spec is None else spec.id)  # an alias downloads where the model is looked for
     checksums = Checksums(store / "checksums.json")
+    if spec is not None:
+        _link_shared(spec, store)
     total = None if None in [f.size for f in files] else sum(f.size for f in files)
     before = 0
     for f in files:

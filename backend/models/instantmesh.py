@@ -224,9 +224,11 @@ class SparseViewLRM(nn.Module):
 
     @torch.no_grad()
     def head(self, name: str, planes: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+        """One decoder head at points, in chunks on the model's device; the result on the CPU, where the
+        surface is extracted (FlexiCubes and marching cubes run there on every device)."""
         net = getattr(self.heads, name)
-        out = [net(self.features(planes, p)) for p in points.split(POINTS_PER_CHUNK)]
-        return torch.cat(out) if out else planes.new_zeros(0, net[-1].out_features)
+        out = [net(self.features(planes, p)).cpu() for p in points.split(POINTS_PER_CHUNK)]
+        return torch.cat(out) if out else torch.zeros(0, net[-1].out_features)
 
     def reconstruct_views(self, grid, options, stages) -> Mesh:
         """Stage 2 on the 960×640 grid of six views (path, PIL image or uint8 array) -> Mesh in Blender's
@@ -271,8 +273,8 @@ class InstantMesh(SparseViewLRM):
         for chunk in corners.split(CUBES_PER_CHUNK):
             ids, inverse = torch.unique(chunk, return_inverse=True)
             feats = self.features(planes, flexicubes.grid_vertices(res, scale, ids))
-            out.append(self.heads.net_weight(feats[inverse].reshape(len(chunk), -1)) * WEIGHT_FACTOR)
-        return torch.cat(out) if out else planes.new_zeros(0, 21)
+            out.append(self.heads.net_weight(feats[inverse].reshape(len(chunk), -1)).cpu() * WEIGHT_FACTOR)
+        return torch.cat(out) if out else torch.zeros(0, 21)
 
     @torch.no_grad()
     def grid_sdf(self, planes: torch.Tensor, res: int, scale: float, on_fraction=None) -> torch.Tensor:

@@ -64,6 +64,7 @@ def test_registry_entries():
         assert spec.files[1:] == registry.get(f"instantmesh-{size}").files[1:]  # the same Zero123++ stage
         assert (spec.multiview, spec.default_resolution, spec.default_threshold) == (True, 256, 10.0)
         assert spec.display_name == f"InstantNeRF {size.title()}" and spec.licence == "CC-BY-NC-4.0"
+    assert registry.get("instantmesh").id == "instantmesh-large" and registry.get("instantnerf").id == "instantnerf-large"
 
 
 @pytest.fixture(scope="module")

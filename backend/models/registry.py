@@ -179,8 +179,9 @@ MODELS = {
         *_instantmesh_specs(),
     )
 }
-# Short names: the "mix" weights (more, and real-world, training data).
-ALIASES = {f"openlrm-{size}": f"openlrm-mix-{size}" for size in OPENLRM_SIZES}
+# Short names: OpenLRM's "mix" weights (more, and real-world, training data); InstantMesh's large models.
+ALIASES = {**{f"openlrm-{size}": f"openlrm-mix-{size}" for size in OPENLRM_SIZES},
+           "instantmesh": "instantmesh-large", "instantnerf": "instantnerf-large"}
 
 # Background removal (rembg's u2net). Published on GitHub with an md5 only; its sha256 is recorded on
 # first download and enforced from then on.

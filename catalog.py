@@ -143,10 +143,11 @@ def download_size(model_id: str, store: Path | None = None) -> int:
 
 
 def size_text(model_id: str, store: Path | None = None) -> str:
-    files = () if model_id == U2NET else spec(model_id).files if store is None else registry.missing_files(
-        spec(model_id), store)
-    exact = model_id != U2NET and all(f.size is not None for f in files)
-    return ("" if exact else "about ") + hub.human_size(download_size(model_id, store))
+    if model_id == U2NET:
+        return "about " + hub.human_size(U2NET_SIZE)
+    files = spec(model_id).files if store is None else registry.missing_files(spec(model_id), store)
+    exact = all(f.size is not None for f in files)
+    return ("" if exact else "about ") + hub.human_size(registry.approx_size(files))
 
 
 def partial_bytes(model_id: str, store: Path) -> int:

@@ -23,6 +23,7 @@ def customizable(model_id: str) -> tuple:
     """The model-default settings this model uses."""
     return tuple(n for n in CUSTOMIZABLE if n != "threshold" or catalog.uses_threshold(model_id))
 
+
 _applying_defaults = False  # set while the model's defaults are written: those writes are not the user's
 
 

@@ -103,15 +103,24 @@ def environment_module():
     return addon_module("environment")
 
 
-def prefs_text() -> str:
-    """Everything the preferences' draw() put on a mock layout: labels and the calls themselves."""
+def drawn_text(draw) -> str:
+    """Everything ``draw(owner, context)`` put on a mock layout: the labels' texts (so that wrapped lines read
+    as one again), then the calls themselves."""
     from types import SimpleNamespace
     from unittest.mock import MagicMock
 
     layout = MagicMock()
-    type(prefs()).draw(SimpleNamespace(layout=layout), bpy.context)
+    draw(SimpleNamespace(layout=layout), bpy.context)
     labels = " ".join(str(c.kwargs.get("text", "")) for c in layout.mock_calls)
     return labels + " " + " ".join(str(c) for c in layout.mock_calls)
+
+
+def prefs_text() -> str:
+    return drawn_text(type(prefs()).draw)
+
+
+def panel_text(panel: str = "IMAGE_TO_3D_PT_sidebar") -> str:
+    return drawn_text(getattr(bpy.types, panel).draw)
 
 
 def worker_children() -> list[int]:

@@ -6,14 +6,12 @@ official layout + the tiny LRM): per-step progress, the CLI's mesh, the six view
 import os
 import subprocess
 import time
-from types import SimpleNamespace
-from unittest.mock import MagicMock
 
 import bpy
 import numpy as np
 import pytest
 
-from .conftest import BACKEND_PYTHON, INPUT_IMAGE, ROOT, addon_module, prefs
+from .conftest import BACKEND_PYTHON, INPUT_IMAGE, ROOT, addon_module, panel_text, prefs
 
 MODEL = "instantmesh-large"
 STEPS, SEED = 3, 7
@@ -48,13 +46,6 @@ def settings(addon, config_dir, tiny_folder):
 
 def gen():
     return addon_module("operators.generate")
-
-
-def panel_text(panel="IMAGE_TO_3D_PT_sidebar"):
-    layout = MagicMock()
-    getattr(bpy.types, panel).draw(SimpleNamespace(layout=layout), bpy.context)
-    labels = " ".join(str(c.kwargs.get("text", "")) for c in layout.mock_calls)  # wrapped lines joined again
-    return labels + " " + " ".join(str(c) for c in layout.mock_calls)
 
 
 def cli_mesh(tmp_path, folder):

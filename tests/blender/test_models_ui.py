@@ -5,14 +5,12 @@ import json
 import os
 import subprocess
 import time
-from types import SimpleNamespace
-from unittest.mock import MagicMock
 
 import bpy
 import numpy as np
 import pytest
 
-from .conftest import BACKEND_PYTHON, ROOT, addon_module, prefs
+from .conftest import BACKEND_PYTHON, ROOT, addon_module, panel_text, prefs
 
 OPENLRM_TINY = ROOT / "tests" / "data" / "openlrm_tiny"
 PACKED = OPENLRM_TINY / "packed"  # the base architecture's layout: openlrm-mix-base, source size 336
@@ -22,13 +20,6 @@ OPENLRM_IDS = [f"openlrm-{d}-{s}" for d in ("obj", "mix") for s in ("small", "ba
 
 def gen():
     return addon_module("operators.generate")
-
-
-def panel_calls(panel="IMAGE_TO_3D_PT_sidebar"):
-    layout = MagicMock()
-    getattr(bpy.types, panel).draw(SimpleNamespace(layout=layout), bpy.context)
-    labels = " ".join(str(c.kwargs.get("text", "")) for c in layout.mock_calls)  # wrapped lines joined again
-    return labels + " " + " ".join(str(c) for c in layout.mock_calls)
 
 
 def mesh_threshold() -> float:
@@ -88,7 +79,7 @@ def test_source_size_off_the_patch_grid_is_flagged(fresh):
     fresh.source_size = 230
     assert props.source_size_problem(fresh) == \
         "Not a multiple of the encoder's 14-pixel patches: use 224 or 238"
-    assert "224 or 238" in panel_calls("IMAGE_TO_3D_PT_advanced")
+    assert "224 or 238" in panel_text("IMAGE_TO_3D_PT_advanced")
     fresh.model = "triposr"
     assert "16-pixel" in props.source_size_problem(fresh)
     fresh.source_size = 512
@@ -103,7 +94,7 @@ def test_openlrm_needs_its_licence_accepted_once(fresh, config_dir):
     assert not bpy.ops.image_to_3d.generate.poll()
     why = gen().why_not(bpy.context)
     assert why.startswith("Accept the CC-BY-NC-4.0 licence of OpenLRM Large (mix)")
-    texts = panel_calls()
+    texts = panel_text()
     assert "image_to_3d.accept_licence" in texts and "Non-commercial use only" in texts
     assert "image_to_3d.generate" in texts  # shown, greyed out with the reason
 
@@ -113,7 +104,7 @@ def test_openlrm_needs_its_licence_accepted_once(fresh, config_dir):
     assert bpy.ops.image_to_3d.generate.poll()
     fresh.model = "openlrm-obj-small"  # the same licence: accepted for every OpenLRM model
     assert bpy.ops.image_to_3d.generate.poll()
-    assert "image_to_3d.accept_licence" not in panel_calls()
+    assert "image_to_3d.accept_licence" not in panel_text()
 
 
 def cli_npz(tmp_path, config_dir, threshold) -> dict:
@@ -166,7 +157,7 @@ def test_a_source_size_the_encoder_refuses_is_explained(fresh, config_dir):
         bpy.ops.image_to_3d.generate()
     assert "not a multiple of the image encoder's 14-pixel patches" in s.last_error
     assert "224 or 238" in s.last_hint
-    assert "224 or 238" in panel_calls()
+    assert "224 or 238" in panel_text()
     assert len(bpy.data.objects) == 0
 
 
@@ -189,6 +180,6 @@ def test_the_workers_licence_refusal_shows_with_a_blender_hint(fresh, config_dir
     bpy.app.timers.unregister(timer)
     assert "Non-commercial use only" in s.last_error and "must be accepted" in s.last_error
     assert "Accept Licence" in s.last_hint and "--accept-licence" not in s.last_hint
-    texts = panel_calls()
+    texts = panel_text()
     assert "must be accepted" in texts and "image_to_3d.accept_licence" in texts
     assert len(bpy.data.objects) == 0

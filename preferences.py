@@ -29,17 +29,22 @@ LEVEL_ICONS = {"OK": "CHECKMARK", "WARNING": "ERROR", "ERROR": "CANCEL"}
 WHERE_LABELS = {"folder": "in the Model Folder", "store": "downloaded", "cache": "in the Hugging Face cache"}
 
 
-def wrapped(layout, text: str, width: int = 90, icon: str = "NONE"):
+def wrapped_lines(text: str, width: int):
     line = ""
-    first = True
     for word in text.split():
         if line and len(line) + 1 + len(word) > width:
-            layout.label(text=line, icon=icon if first else "BLANK1")
-            first, line = False, word
+            yield line
+            line = word
         else:
             line = f"{line} {word}".strip()
     if line:
-        layout.label(text=line, icon=icon if first else ("BLANK1" if icon != "NONE" else "NONE"))
+        yield line
+
+
+def wrapped(layout, text: str, width: int = 90, icon: str = "NONE"):
+    """Labels of at most ``width`` characters; the icon on the first, the others indented to match."""
+    for i, line in enumerate(wrapped_lines(text, width)):
+        layout.label(text=line, icon=icon if i == 0 else ("BLANK1" if icon != "NONE" else "NONE"))
 
 
 def draw_task_progress(layout, task, text: str):

@@ -15,16 +15,11 @@ STAGE_LABELS = {
 }
 
 
-def wrapped_lines(text: str, width: int = 42):
-    line = ""
-    for word in text.split():
-        if line and len(line) + 1 + len(word) > width:
-            yield line
-            line = word
-        else:
-            line = f"{line} {word}".strip()
-    if line:
-        yield line
+SIDEBAR_WIDTH = 42  # characters per label line in the sidebar
+
+
+def wrapped(layout, text: str, icon: str = "NONE"):
+    preferences.wrapped(layout, text, SIDEBAR_WIDTH, icon)
 
 
 def draw_image(layout, settings):
@@ -53,10 +48,8 @@ def draw_outcome(layout, settings, context):
     if settings.last_error:
         box = layout.box()
         box.alert = True
-        for i, line in enumerate(wrapped_lines(settings.last_error)):
-            box.label(text=line, icon="ERROR" if i == 0 else "BLANK1")
-        for line in wrapped_lines(settings.last_hint):
-            box.label(text=line, icon="BLANK1")
+        wrapped(box, settings.last_error, icon="ERROR")
+        wrapped(box, settings.last_hint, icon="BLANK1")
     elif settings.last_info:
         layout.label(text=settings.last_info, icon="INFO")
     if not preferences.backend_python(context):
@@ -71,8 +64,7 @@ def draw_model(layout, settings, context):
     model_id = settings.model
     if catalog.licence_pending(model_id):
         box = layout.box()
-        for i, line in enumerate(wrapped_lines(catalog.licence_notice(model_id))):
-            box.label(text=line, icon="INFO" if i == 0 else "BLANK1")
+        wrapped(box, catalog.licence_notice(model_id), icon="INFO")
         op = box.operator("image_to_3d.accept_licence", text="Accept Licence", icon="CHECKMARK")
         op.model = model_id
         return
@@ -121,10 +113,8 @@ def draw_view_settings(layout, settings, context):
     for name in properties.VIEW_SETTINGS:
         col.prop(settings, name)
     if runs_on_cpu(settings, context):
-        box = layout.box()
-        for i, line in enumerate(wrapped_lines(f"On the CPU each of the {settings.steps} steps takes tens of "
-                                               "seconds: use a GPU, or fewer steps for a draft")):
-            box.label(text=line, icon="INFO" if i == 0 else "BLANK1")
+        wrapped(layout.box(), f"On the CPU each of the {settings.steps} steps takes tens of seconds: use a GPU, "
+                "or fewer steps for a draft", icon="INFO")
 
 
 class IMAGE_TO_3D_PT_sidebar(bpy.types.Panel):
@@ -189,8 +179,7 @@ class IMAGE_TO_3D_PT_advanced(bpy.types.Panel):
         if problem:
             box = layout.box()
             box.alert = True
-            for i, line in enumerate(wrapped_lines(problem)):
-                box.label(text=line, icon="ERROR" if i == 0 else "BLANK1")
+            wrapped(box, problem, icon="ERROR")
 
 
 CLASSES = (IMAGE_TO_3D_PT_sidebar, IMAGE_TO_3D_PT_advanced)

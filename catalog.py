@@ -132,20 +132,21 @@ def where_is(model_id: str, store: Path, weights_dir: str = "") -> tuple[str, Pa
     return "", None
 
 
-def download_size(model_id: str, store: Path | None = None) -> int:
-    """Bytes to download: exact where the registry knows every size, else about. With ``store``: only what
-    is not there yet (nor shared from another model's files there)."""
-    if model_id == U2NET:
-        return U2NET_SIZE
+def files_to_fetch(model_id: str, store: Path | None = None) -> list:
+    """The model's files; with ``store``, only those not there yet (nor shared from another model's there)."""
     s = spec(model_id)
-    files = s.files if store is None else registry.missing_files(s, store)
-    return registry.approx_size(files)
+    return list(s.files) if store is None else registry.missing_files(s, store)
+
+
+def download_size(model_id: str, store: Path | None = None) -> int:
+    """Bytes to download: exact where the registry knows every size, else about."""
+    return U2NET_SIZE if model_id == U2NET else registry.approx_size(files_to_fetch(model_id, store))
 
 
 def size_text(model_id: str, store: Path | None = None) -> str:
     if model_id == U2NET:
         return "about " + hub.human_size(U2NET_SIZE)
-    files = spec(model_id).files if store is None else registry.missing_files(spec(model_id), store)
+    files = files_to_fetch(model_id, store)
     exact = all(f.size is not None for f in files)
     return ("" if exact else "about ") + hub.human_size(registry.approx_size(files))
 

@@ -245,14 +245,14 @@ def import_result(scene, info, job):
     stem = os.path.splitext(settings["image"] or "Generated")[0]
     views = import_mesh.keep_views(job.views_path, f"{stem} views") if job.views_path else None
     try:
-        return add_result_object(scene, info, job, views)
+        return add_result_object(scene, info, job, stem, views)
     except Exception:
         if views is not None:
             bpy.data.images.remove(views)
         raise
 
 
-def add_result_object(scene, info, job, views):
+def add_result_object(scene, info, job, stem, views):
     vertices, faces, colors = import_mesh.load_npz(job.result_path)
     settings = info["settings"]
     mesh = import_mesh.build_mesh(settings["image"] or "Generated", vertices, faces, colors,
@@ -267,7 +267,7 @@ def add_result_object(scene, info, job, views):
                 bpy.ops.object.mode_set(mode="OBJECT")
             except RuntimeError:
                 pass
-    name = os.path.splitext(settings["image"] or "Generated")[0] + " 3D"
+    name = f"{stem} 3D"
     stored = {k: v for k, v in settings.items() if v is not None}
     if views is not None:
         stored["views_image"] = views.name

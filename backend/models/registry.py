@@ -57,16 +57,12 @@ class ModelSpec:
         sizes = [f.size for f in self.files]
         return None if None in sizes else sum(sizes)
 
-    @property
-    def approx_download_size(self) -> int:
-        """For display only: exact sizes where known, the spec's estimates for the others."""
-        return approx_size(self.files)
-
 
 SINGLE, MULTIVIEW = "single", "multiview"
 
 
 def approx_size(files) -> int:
+    """For display only: exact sizes where known, the spec's estimates (APPROX_BYTES) for the others."""
     return sum(f.size or APPROX_BYTES.get((f.repo, f.path), 0) for f in files)
 
 

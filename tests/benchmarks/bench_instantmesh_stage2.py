@@ -110,7 +110,8 @@ def main() -> int:
                    f"b.make_random_model(pathlib.Path({str(folder)!r}), {args.size!r}, {args.variant!r})"
             subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, env=env)
         r = subprocess.run([sys.executable, __file__, "--_run", "--keep", str(folder), "--size", args.size,
-                            "--variant", args.variant, "--resolution", str(args.resolution)], cwd=ROOT, env=env, capture_output=True, text=True)
+                            "--variant", args.variant, "--resolution", str(args.resolution)],
+                           cwd=ROOT, env=env, capture_output=True, text=True)
         if r.returncode != 0:
             print(r.stderr, file=sys.stderr)
             return r.returncode

@@ -16,6 +16,7 @@ import struct
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -24,17 +25,60 @@ FORMATS = (".npz", ".glb", ".ply", ".obj")
 
 @dataclass
 class Mesh:
+    """A generated mesh. ``faces`` holds triangles (M, 3), or up to quads (M, 4) where a triangle has -1 in
+    its last column. ``uvs`` are per face corner (M, K, 2), K = faces.shape[1] (ignored under a -1), with
+    v up (as Blender and OBJ); ``texture`` is sRGB bytes (H, W, 3), row 0 at the top of the image."""
+
     vertices: np.ndarray  # float32 (N, 3)
-    faces: np.ndarray  # int32 (M, 3)
+    faces: np.ndarray  # int32 (M, 3) or (M, 4)
     colors: np.ndarray  # float32 (N, 3), sRGB in [0, 1]
     stats: dict = field(default_factory=dict)
+    uvs: Optional[np.ndarray] = None  # float32 (M, K, 2)
+    texture: Optional[np.ndarray] = None  # uint8 (H, W, 3)
 
     def __post_init__(self):
         self.vertices = np.ascontiguousarray(self.vertices, dtype=np.float32).reshape(-1, 3)
-        self.faces = np.ascontiguousarray(self.faces, dtype=np.int32).reshape(-1, 3)
+        faces = np.asarray(self.faces)
+        width = faces.shape[1] if faces.ndim == 2 and faces.shape[1] in (3, 4) else 3
+        self.faces = np.ascontiguousarray(faces, dtype=np.int32).reshape(-1, width)
         self.colors = np.ascontiguousarray(self.colors, dtype=np.float32).reshape(-1, 3)
         if len(self.colors) != len(self.vertices):
             raise ValueError("one colour per vertex expected")
+        if self.uvs is not None:
+            self.uvs = np.ascontiguousarray(self.uvs, dtype=np.float32).reshape(len(self.faces), width, 2)
+        if self.texture is not None:
+            self.texture = np.ascontiguousarray(self.texture, dtype=np.uint8)
+            if self.texture.ndim != 3 or self.texture.shape[2] != 3:
+                raise ValueError("the texture must be (H, W, 3) bytes")
+            if self.uvs is None:
+                raise ValueError("a texture needs UVs")
+
+    @property
+    def has_quads(self) -> bool:
+        return self.faces.shape[1] == 4 and bool((self.faces[:, 3] >= 0).any())
+
+    def triangles(self) -> tuple[np.ndarray, Optional[np.ndarray]]:
+        """The faces as triangles (T, 3), quads split along their 0-2 diagonal, and the UVs per triangle
+        corner (T, 3, 2) when there are UVs."""
+        return triangulate(self.faces, self.uvs)
+
+
+def triangulate(faces: np.ndarray, uvs: Optional[np.ndarray] = None):
+    """Triangles (M, 3) or mixed quads (M, 4, -1 pad) -> triangles (T, 3) (and per-corner UVs (T, 3, 2)): a quad
+    (a, b, c, d) becomes (a, b, c) and (a, c, d), in face order."""
+    faces = np.asarray(faces)
+    if faces.shape[1] == 3:
+        return faces, uvs
+    quad = faces[:, 3] >= 0
+    first = faces[:, [0, 1, 2]]
+    second = faces[quad][:, [0, 2, 3]]
+    # Interleave so that each face's triangles stay together, in face order.
+    order = np.argsort(np.concatenate([np.arange(len(faces)), np.flatnonzero(quad)]), kind="stable")
+    tris = np.concatenate([first, second])[order]
+    if uvs is None:
+        return tris, None
+    tri_uvs = np.concatenate([uvs[:, [0, 1, 2]], uvs[quad][:, [0, 2, 3]]])[order]
+    return tris, tri_uvs
 
 
 def truncate_to_bytes(colors: np.ndarray) -> np.ndarray:

@@ -24,7 +24,7 @@ from .errors import BackendError, InputError
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m backend", description="Image to 3D backend")
     sub = p.add_subparsers(dest="command", required=True)
-    g = sub.add_parser("generate", help="reconstruct a coloured mesh from one image")
+    g = sub.add_parser("generate", help="reconstruct a coloured (or textured) mesh from one image")
     g.add_argument("input", nargs="?",
                    help="image file (PNG/JPEG/WebP/TIFF...; RGBA with transparency skips background removal); "
                         "leave out with --views")
@@ -53,6 +53,15 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--steps", type=int, metavar="N", help="diffusion steps, 1..500 (default 75)")
     v.add_argument("--guidance", type=float, metavar="G", help="classifier-free guidance scale, 1..30 (default 4.0)")
     v.add_argument("--seed", type=int, metavar="S", help="random seed of the view generation (default 42)")
+    o = g.add_argument_group("output (every model)")
+    o.add_argument("--faces", type=int, metavar="N",
+                   help="reduce to about N faces (quadric edge collapse), N >= 100 (default: as extracted)")
+    o.add_argument("--quads", action="store_true",
+                   help="with --faces: quad-dominant retopology (Instant Meshes); falls back to triangles, saying so")
+    o.add_argument("--texture", type=int, metavar="SIZE",
+                   help="bake a SIZE x SIZE colour texture from the model (512..4096) on a UV atlas; without "
+                        "--faces the mesh is first reduced to 50,000 faces. GLB and OBJ carry it (OBJ: .mtl and "
+                        ".png beside it), .npz holds it, PLY stays vertex-coloured")
     g.add_argument("--no-remove-background", dest="remove_background", action="store_false",
                    help="do not run background removal (an opaque image is used as given)")
     g.add_argument("--u2net", metavar="FILE", help="background-removal model file (default ~/.u2net/u2net.onnx)")
@@ -199,7 +208,8 @@ def _generate(args) -> int:
                           threshold=args.threshold, foreground_ratio=args.foreground_ratio,
                           remove_background=args.remove_background, device=args.device, u2net_path=args.u2net,
                           source_size=args.source_size, views=args.views, save_views=args.save_views,
-                          steps=args.steps, guidance=args.guidance, seed=args.seed)
+                          steps=args.steps, guidance=args.guidance, seed=args.seed, faces=args.faces,
+                          quads=args.quads, texture=args.texture)
         from .pipeline import generate
 
         mesh = generate(args.input, options, progress=_progress_printer(args.quiet or args.json))
@@ -225,6 +235,8 @@ def _generate(args) -> int:
     else:
         print(f"wrote {output} ({summary['vertices']} vertices, {summary['faces']} faces, "
               f"{summary['total_seconds']:.1f} s on {summary['device']})", file=sys.stderr)
+        for note in summary.get("notes", ()):
+            print(f"note: {note}", file=sys.stderr)
     return 0
 
 

@@ -9,29 +9,25 @@ is polled between chunks of work and a cancelled job raises :class:`~.errors.Can
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Optional
 
+from . import stages as stage
 from .errors import Cancelled, InputError, OutOfMemory, is_out_of_memory
 
 ProgressFn = Callable[[str, float, str], None]
-
-# Stage names as they appear on the wire and in the --json summary.
-STAGE_LOAD = "loading_model"
-STAGE_BACKGROUND = "removing_background"
-STAGE_VIEWS = "generating_views"
-STAGE_ENCODE = "encoding"
-STAGE_TRIPLANE = "building_triplanes"
-STAGE_SURFACE = "extracting_surface"
-STAGE_COLOR = "colouring"
 
 MIN_RESOLUTION, MAX_RESOLUTION = 32, 1024
 MAX_SOURCE_SIZE = 2048
 MAX_STEPS, MAX_GUIDANCE, MAX_SEED = 500, 30.0, 2**63 - 1
 DEFAULT_STEPS, DEFAULT_GUIDANCE, DEFAULT_SEED = 75, 4.0, 42  # InstantMesh's run.py (spec instantmesh.md §1.4)
 VIEWS_SIZE = (640, 960)  # width, height of the six-view grid
+MIN_FACES, MAX_FACES = 100, 10_000_000
+MIN_TEXTURE, MAX_TEXTURE = 512, 4096
+FIELD_ID = re.compile(r"^[0-9a-f]{32}$")  # a cached field's name (never a path)
 
 
 @dataclass
@@ -52,6 +48,11 @@ class Options:
     steps: Optional[int] = None  # diffusion steps; None = 75
     guidance: Optional[float] = None  # classifier-free guidance scale; None = 4.0
     seed: Optional[int] = None  # None = 42
+    # Post-processing (every model):
+    faces: Optional[int] = None  # reduce to about this many faces; None = as extracted
+    quads: bool = False  # quad-dominant retopology at the face budget (needs faces)
+    texture: Optional[int] = None  # bake a SIZE² texture from the field (reduces to a default budget first)
+    field_id: Optional[str] = None  # reuse this generation's cached field (Retopologize, Bake from Model)
 
     def validate(self) -> None:
         if self.resolution is not None and not MIN_RESOLUTION <= int(self.resolution) <= MAX_RESOLUTION:
@@ -70,6 +71,15 @@ class Options:
             raise InputError(f"guidance must be between 1 and {MAX_GUIDANCE:g}, got {self.guidance}")
         if self.seed is not None and not 0 <= int(self.seed) <= MAX_SEED:
             raise InputError(f"seed must be between 0 and 2**63 - 1, got {self.seed}")
+        if self.faces is not None and not MIN_FACES <= int(self.faces) <= MAX_FACES:
+            raise InputError(f"faces must be between {MIN_FACES} and {MAX_FACES:,}, got {self.faces}",
+                             hint="Leave --faces out to keep the surface as extracted.")
+        if self.quads and self.faces is None:
+            raise InputError("--quads needs a face budget: add --faces N")
+        if self.texture is not None and not MIN_TEXTURE <= int(self.texture) <= MAX_TEXTURE:
+            raise InputError(f"texture size must be between {MIN_TEXTURE} and {MAX_TEXTURE} pixels, got {self.texture}")
+        if self.field_id is not None and not FIELD_ID.match(str(self.field_id)):
+            raise InputError(f"not a field id: {self.field_id!r}")
         if self.save_views is not None:
             if Path(self.save_views).suffix.lower() != ".png":
                 raise InputError(f"the views are saved as PNG, not {Path(self.save_views).name!r}")
@@ -163,26 +173,76 @@ class _Stages:
 
 
 def generate(image_path, options: Options, progress: Optional[ProgressFn] = None,
-             cancelled: Optional[Callable[[], bool]] = None, model_cache: Optional[dict] = None):
+             cancelled: Optional[Callable[[], bool]] = None, model_cache: Optional[dict] = None,
+             field_cache=None):
     """Run the whole pipeline and return a :class:`~.mesh.Mesh` in Blender's frame.
 
     ``model_cache`` (a dict owned by the caller) keeps loaded models between calls, as the worker does.
+    ``field_cache`` (a :class:`~.field.FieldCache`) keeps the generation's field for later bakes: its id is
+    ``stats["field_id"]``; with ``options.field_id`` that field is reused (and recomputed if it is gone).
     """
-    options.validate()
-    if (image_path is None) == (options.views is None):
-        raise InputError("give an image or a views grid (--views), not both" if options.views
-                         else "no input image given")
-    stages = _Stages(progress, cancelled)
+    stages = _begin(image_path, options, progress, cancelled)
     try:
-        return _run(image_path and Path(image_path), options, stages, model_cache)
+        return _generate(image_path and Path(image_path), options, stages, model_cache, field_cache)
     except Exception as e:
-        if is_out_of_memory(e):
-            raise OutOfMemory(f"ran out of memory during {stages.current or 'generation'}") from e
-        raise
+        raise _as_out_of_memory(e, stages) from e
 
 
-def _run(image_path: Path, options: Options, stages: _Stages, model_cache):
-    from . import devices, licences, preprocess
+def bake(image_path, options: Options, vertices, corner_verts, loop_totals, uvs=None,
+         progress: Optional[ProgressFn] = None, cancelled: Optional[Callable[[], bool]] = None,
+         model_cache: Optional[dict] = None, field_cache=None):
+    """Bake from Model: a ``options.texture``² texture from the field of generation ``options.field_id`` on
+    any mesh in the generated mesh's frame (polygons as Blender holds them). No UVs: xatlas makes them.
+    Returns (uvs (L, 2) per loop, texture (S, S, 3) uint8, stats)."""
+    from .postprocess import bake_polygons
+
+    if options.texture is None:
+        options = replace(options, texture=DEFAULT_BAKE_SIZE)
+    stages = _begin(image_path, options, progress, cancelled)
+    try:
+        spec, model, planes, _, options = _field(image_path and Path(image_path), options, stages, model_cache,
+                                                 field_cache)
+        uvs, texture, stats = bake_polygons(vertices, corner_verts, loop_totals, uvs, model.colour_field(planes),
+                                            int(options.texture), stages)
+        stats.update(_finish_stats(spec, options, stages))
+        return uvs, texture, stats
+    except Exception as e:
+        raise _as_out_of_memory(e, stages) from e
+
+
+DEFAULT_BAKE_SIZE = 2048
+
+
+def _begin(image_path, options: Options, progress, cancelled) -> "_Stages":
+    options.validate()
+    if image_path is not None and options.views is not None:
+        raise InputError("give an image or a views grid (--views), not both")
+    if image_path is None and options.views is None and not options.field_id:
+        raise InputError("no input image given")
+    return _Stages(progress, cancelled)
+
+
+def _as_out_of_memory(e: Exception, stages: "_Stages") -> Exception:
+    if is_out_of_memory(e):
+        return OutOfMemory(f"ran out of memory during {stages.current or 'generation'}")
+    return e
+
+
+def _generate(image_path: Optional[Path], options: Options, stages: _Stages, model_cache, field_cache):
+    from . import postprocess
+
+    spec, model, planes, used, options = _field(image_path, options, stages, model_cache, field_cache)
+    mesh = model.mesh_from(planes, options, stages)
+    mesh.stats.update(used)
+    mesh = postprocess.run(mesh, model.colour_field(planes), options, stages)
+    mesh.stats.update(_finish_stats(spec, options, stages))
+    return mesh
+
+
+def _field(image_path: Optional[Path], options: Options, stages: _Stages, model_cache, field_cache):
+    """The object's triplanes: from the field cache (``options.field_id``), else from the image (or the views).
+    Returns (spec, model, planes, what was used, the options with the model's defaults filled in)."""
+    from . import devices, licences
     from .models import registry
 
     spec = registry.get(options.model)
@@ -192,13 +252,37 @@ def _run(image_path: Path, options: Options, stages: _Stages, model_cache):
     options = replace(options, resolution=options.resolution or (None if spec.multiview else spec.default_resolution),
                       threshold=spec.default_threshold if options.threshold is None else options.threshold)
     device = devices.resolve(options.device)
+    views_only = options.views is not None
+    key = f"{spec.id}:{options.weights or ''}"  # planes decode only with the weights that made them
 
-    if options.views is not None:  # stage 2 of a multi-view model alone
-        stages.begin(STAGE_LOAD, f"loading {spec.display_name}")
+    if options.field_id and field_cache is not None:
+        planes = field_cache.load(options.field_id, key)
+        if planes is not None:
+            stages.begin(stage.LOAD, f"loading {spec.display_name}")
+            model = registry.load(spec, options.weights, device, cache=model_cache, views_only=spec.multiview)
+            return spec, model, planes.to(model.device), {"field_id": options.field_id, "field": "cached"}, options
+        stages.begin(stage.FIELD, "the cached field is gone: recomputing it from the image")
+        if image_path is None and options.views is None:
+            raise InputError("this generation's field is no longer cached and no source image was given",
+                             hint="Keep the source image reachable (pack it into the .blend, or keep its file).")
+
+    if views_only:  # stage 2 of a multi-view model alone
+        stages.begin(stage.LOAD, f"loading {spec.display_name}")
         model = registry.load(spec, options.weights, device, cache=model_cache, views_only=True)
-        return _finish(model.reconstruct_views(Path(options.views), options, stages), spec, device, stages)
+        planes, used = model.planes_from_views(Path(options.views), options, stages)
+    else:
+        model, planes, used, options = _field_from_image(image_path, spec, options, device, stages, model_cache)
+    if field_cache is not None:
+        used["field_id"] = options.field_id or field_cache.new_id()
+        field_cache.save(used["field_id"], planes, key)
+    return spec, model, planes, used, options
 
-    stages.begin(STAGE_BACKGROUND, "reading image")
+
+def _field_from_image(image_path: Path, spec, options: Options, device, stages: _Stages, model_cache):
+    from . import preprocess
+    from .models import registry
+
+    stages.begin(stage.BACKGROUND, "reading image")
     image = preprocess.load_image(image_path)
     stages.check()
     conditioning = preprocess.prepare(
@@ -209,21 +293,22 @@ def _run(image_path: Path, options: Options, stages: _Stages, model_cache):
         u2net_path=options.u2net_path,
     )
 
-    stages.begin(STAGE_LOAD, f"loading {spec.display_name}")
+    stages.begin(stage.LOAD, f"loading {spec.display_name}")
     model = registry.load(spec, options.weights, device, cache=model_cache)
     if not spec.multiview:
-        return _finish(model.reconstruct(conditioning, options, stages), spec, device, stages)
+        planes, used = model.make_planes(conditioning, options, stages)
+        return model, planes, used, options
 
     model.load_views_model()
     options = replace(options, steps=options.steps or DEFAULT_STEPS, seed=DEFAULT_SEED if options.seed is None
                       else options.seed, guidance=DEFAULT_GUIDANCE if options.guidance is None else options.guidance)
-    stages.begin(STAGE_VIEWS, f"{options.steps} diffusion steps")
+    stages.begin(stage.VIEWS, f"{options.steps} diffusion steps")
     grid = model.generate_views(conditioning, options, stages)
     if options.save_views:
         save_views(grid, Path(options.save_views))
-    mesh = model.reconstruct_views(grid, options, stages)
-    mesh.stats.update(steps=options.steps, guidance=options.guidance, seed=options.seed)
-    return _finish(mesh, spec, device, stages)
+    planes, used = model.planes_from_views(grid, options, stages)
+    used.update(steps=options.steps, guidance=options.guidance, seed=options.seed)
+    return model, planes, used, options
 
 
 def save_views(grid, path: Path) -> None:
@@ -238,11 +323,9 @@ def save_views(grid, path: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _finish(mesh, spec, device, stages: _Stages):
+def _finish_stats(spec, options: Options, stages: _Stages) -> dict:
+    from . import devices
+
     stages.end()
-    mesh.stats.update(
-        seconds={k: round(v, 3) for k, v in stages.seconds.items()},
-        device=str(device),
-        model=spec.id,
-    )
-    return mesh
+    return {"seconds": {k: round(v, 3) for k, v in stages.seconds.items()},
+            "device": str(devices.resolve(options.device)), "model": spec.id}

@@ -58,14 +58,14 @@ def colored_surface(field, resolution: int, threshold: float, stages):
     """The pipeline's last two stages for any field: marching cubes, then the field's colour at every
     vertex. Returns vertices (N, 3) float64, faces (M, 3), colours (N, 3) float32, in the field's frame."""
     from .errors import InputError
-    from .pipeline import STAGE_COLOR, STAGE_SURFACE
+    from .stages import COLOR, SURFACE
 
-    stages.begin(STAGE_SURFACE, f"marching cubes at {resolution}³")
+    stages.begin(SURFACE, f"marching cubes at {resolution}³")
     vertices, faces = marching_cubes(field, resolution, threshold, on_fraction=stages.update)
     if len(faces) == 0:
         raise InputError(f"no surface found at threshold {threshold:g}: the model sees no object here",
                          hint="Lower the threshold, or use an image with one clear object.")
-    stages.begin(STAGE_COLOR, "colouring vertices")
+    stages.begin(COLOR, "colouring vertices")
     # float32 vertices, as the references query them
     _, colors = field.query(torch.from_numpy(vertices.astype(np.float32)))
     return vertices, faces, colors.cpu().numpy()

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from backend import client as wire
-from backend.pipeline import STAGE_BACKGROUND, STAGE_COLOR, STAGE_LOAD, STAGE_SURFACE
+from backend.stages import BACKGROUND as STAGE_BACKGROUND, COLOR as STAGE_COLOR, LOAD as STAGE_LOAD, \
+    SURFACE as STAGE_SURFACE
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "tests" / "data" / "triposr_tiny"

@@ -26,7 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import InputError, WeightsError
+from ..field import ColourField
 from ..mesh import Mesh, truncate_to_bytes
+from ..stages import COLOR, ENCODE, SURFACE, TRIPLANE
 from . import flexicubes
 from .checkpoint import assign_weights, load_safetensors_file, load_torch_file, named
 from .lrm_transformer import TransformerDecoder, upsample_triplanes
@@ -164,6 +166,11 @@ def to_blender(vertices: np.ndarray) -> np.ndarray:
     return np.stack([vertices[:, 1], -vertices[:, 0], vertices[:, 2]], axis=1)
 
 
+def from_blender(vertices: np.ndarray) -> np.ndarray:
+    """The inverse of :func:`to_blender`."""
+    return np.stack([-vertices[:, 1], vertices[:, 0], vertices[:, 2]], axis=1)
+
+
 class TriplaneTransformer(TransformerDecoder):
     """Learned triplane tokens -> unmodulated blocks -> final LayerNorm -> ×2 deconvolution per plane."""
 
@@ -230,20 +237,35 @@ class SparseViewLRM(nn.Module):
         out = [net(self.features(planes, p)).cpu() for p in points.split(POINTS_PER_CHUNK)]
         return torch.cat(out) if out else torch.zeros(0, net[-1].out_features)
 
-    def reconstruct_views(self, grid, options, stages) -> Mesh:
-        """Stage 2 on the 960×640 grid of six views (path, PIL image or uint8 array) -> Mesh in Blender's
-        frame, colours truncated to bytes as the reference does. ``options.resolution``: the surface grid
-        (None: the config's)."""
-        from ..pipeline import STAGE_ENCODE, STAGE_TRIPLANE
-
-        res = int(options.resolution or self.cfg.grid_res)
-        stages.begin(STAGE_ENCODE, "encoding the views")
+    def planes_from_views(self, grid, options, stages) -> tuple[torch.Tensor, dict]:
+        """Stage 2's field from the 960×640 grid of six views (path, PIL image or uint8 array)."""
+        stages.begin(ENCODE, "encoding the views")
         feats = self.encode(views_from_grid(grid), input_cameras(), stages.check)
-        stages.begin(STAGE_TRIPLANE, "building triplanes")
-        planes = self.triplanes(feats, stages.check)
+        stages.begin(TRIPLANE, "building triplanes")
+        return self.triplanes(feats, stages.check), {"views": GRID_ROWS * GRID_COLS}
+
+    def reconstruct_views(self, grid, options, stages) -> Mesh:
+        planes, used = self.planes_from_views(grid, options, stages)
+        mesh = self.mesh_from(planes, options, stages)
+        mesh.stats.update(used)
+        return mesh
+
+    def mesh_from(self, planes: torch.Tensor, options, stages) -> Mesh:
+        """-> Mesh in Blender's frame, colours truncated to bytes as the reference does.
+        ``options.resolution``: the surface grid (None: the config's)."""
+        res = int(options.resolution or self.cfg.grid_res)
         vertices, faces, colors = self.surface(planes, res, options, stages)
         return Mesh(to_blender(np.asarray(vertices, np.float32)), np.asarray(faces), truncate_to_bytes(colors),
-                    stats={"resolution": res, "views": GRID_ROWS * GRID_COLS})
+                    stats={"resolution": res})
+
+    def colour_field(self, planes: torch.Tensor) -> ColourField:
+        planes = planes.to(self.device)
+        return ColourField(lambda p: self.point_colours(planes, p), from_blender, self.device,
+                           finish=truncate_to_bytes)
+
+    def point_colours(self, planes: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+        """Colour (N, 3) in [0, 1] at points of the LRM frame, as the variant colours its vertices."""
+        raise NotImplementedError
 
     def surface(self, planes: torch.Tensor, res: int, options, stages):
         """planes -> vertices (V, 3), faces (F, 3) in the LRM frame, colours (V, 3) in [0, 1], as numpy."""
@@ -261,6 +283,9 @@ class InstantMesh(SparseViewLRM):
     def colors(self, planes: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
         """Colour (N, 3) at points, before clamping (the reference's ``get_texture_prediction``)."""
         return torch.sigmoid(self.head("net_rgb", planes, points)) * (1 + 2 * COLOR_MARGIN) - COLOR_MARGIN
+
+    def point_colours(self, planes: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+        return self.colors(planes, points).clamp(0, 1)
 
     def deformation(self, planes: torch.Tensor, vertices: torch.Tensor, res: int) -> torch.Tensor:
         return torch.tanh(self.head("net_deformation", planes, vertices)) / (DEFORMATION_MULTIPLIER * res)
@@ -314,14 +339,12 @@ class InstantMesh(SparseViewLRM):
 
     def surface(self, planes: torch.Tensor, res: int, options, stages):
         """FlexiCubes, unused dual vertices dropped, colours clamped to [0, 1]."""
-        from ..pipeline import STAGE_COLOR, STAGE_SURFACE
-
-        stages.begin(STAGE_SURFACE, f"FlexiCubes at {res}³")
+        stages.begin(SURFACE, f"FlexiCubes at {res}³")
         vertices, faces = self.extract_geometry(planes, res, on_fraction=stages.update)
         if len(faces) == 0:
             raise InputError("no surface found: the model sees no object in these views",
                              hint="Use views of one clear object on a white background.")
-        stages.begin(STAGE_COLOR, "colouring vertices")
+        stages.begin(COLOR, "colouring vertices")
         used, faces = torch.unique(faces, return_inverse=True)
         vertices = vertices[used]
         return vertices.numpy(), faces.numpy(), self.colors(planes, vertices).clamp(0, 1).numpy()
@@ -337,6 +360,9 @@ class InstantNeRF(SparseViewLRM):
     def field(self, planes: torch.Tensor) -> TriplaneField:
         return TriplaneField(planes, self.heads.net, radius=1.0, density_bias=-1.0, plane_axes=EG3D_PLANE_AXES,
                              density_activation="softplus", color_margin=COLOR_MARGIN)
+
+    def point_colours(self, planes: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+        return self.field(planes).query(points)[1].clamp(0, 1)
 
     def surface(self, planes: torch.Tensor, res: int, options, stages):
         from ..surface import colored_surface

@@ -54,5 +54,11 @@ class InstantMeshPipeline:
         return self.load_views_model().generate(image, steps=options.steps, guidance=options.guidance,
                                                 seed=options.seed, stages=stages)
 
-    def reconstruct_views(self, grid, options, stages):
-        return self.lrm.reconstruct_views(grid, options, stages)
+    def planes_from_views(self, grid, options, stages):
+        return self.lrm.planes_from_views(grid, options, stages)
+
+    def mesh_from(self, planes, options, stages):
+        return self.lrm.mesh_from(planes, options, stages)
+
+    def colour_field(self, planes):
+        return self.lrm.colour_field(planes)

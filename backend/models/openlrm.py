@@ -20,6 +20,8 @@ from torch import nn
 
 from .. import surface
 from ..errors import WeightsError
+from ..field import ColourField
+from ..stages import ENCODE, TRIPLANE
 from ..mesh import Mesh, truncate_to_bytes
 from .checkpoint import assign_weights, load_safetensors_file, named
 from .dinov2 import KNOWN_BACKBONES, DinoV2, DinoV2Config
@@ -162,24 +164,38 @@ class OpenLRM(nn.Module):
         return TriplaneField(planes, self.synthesizer.decoder.net, RADIUS, density_bias=-1.0,
                              plane_axes=EG3D_PLANE_AXES, density_activation="softplus", color_margin=0.001)
 
-    def reconstruct(self, conditioning: np.ndarray, options, stages) -> Mesh:
+    def make_planes(self, conditioning: np.ndarray, options, stages) -> tuple[torch.Tensor, dict]:
+        """The prepared image -> this object's triplanes (3, C, H, W), and what was used."""
         from .. import preprocess
-        from ..pipeline import STAGE_ENCODE, STAGE_TRIPLANE, check_source_size
+        from ..pipeline import check_source_size
 
         size = options.source_size or self.default_source_size
         if size is None:
             raise ValueError("no source size: set options.source_size or load the model with a default")
         size = check_source_size(int(size), self.patch_size)
-        stages.begin(STAGE_ENCODE, "encoding the image")
+        stages.begin(ENCODE, "encoding the image")
         features = self.encode(preprocess.to_openlrm_input(conditioning, size), stages.check)
-        stages.begin(STAGE_TRIPLANE, "building triplanes")
+        stages.begin(TRIPLANE, "building triplanes")
         camera = self.embed_camera(source_camera())
-        field = self.field(self.upsample(self.transform(features, camera, stages.check))[0])
-        vertices, faces, colors = surface.colored_surface(field, int(options.resolution), float(options.threshold),
-                                                          stages)
+        return self.upsample(self.transform(features, camera, stages.check))[0], {"source_size": size}
+
+    def reconstruct(self, conditioning: np.ndarray, options, stages) -> Mesh:
+        """The image's mesh, as extracted (the pipeline adds the post-processing)."""
+        planes, used = self.make_planes(conditioning, options, stages)
+        mesh = self.mesh_from(planes, options, stages)
+        mesh.stats.update(used)
+        return mesh
+
+    def mesh_from(self, planes: torch.Tensor, options, stages) -> Mesh:
+        vertices, faces, colors = surface.colored_surface(self.field(planes), int(options.resolution),
+                                                          float(options.threshold), stages)
         return Mesh(vertices, faces, truncate_to_bytes(colors),
-                    stats={"threshold": float(options.threshold), "resolution": int(options.resolution),
-                           "source_size": size})
+                    stats={"threshold": float(options.threshold), "resolution": int(options.resolution)})
+
+    def colour_field(self, planes: torch.Tensor) -> ColourField:
+        """OpenLRM's frame is Blender's; colours truncated to bytes, as its vertex colours are."""
+        field = self.field(planes.to(self.device))
+        return ColourField(lambda p: field.query(p)[1], lambda v: v, self.device, finish=truncate_to_bytes)
 
 
 def load(folder: Path, device: torch.device, default_source_size: Optional[int] = None) -> OpenLRM:

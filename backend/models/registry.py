@@ -28,14 +28,14 @@ class ModelSpec:
     licence: str  # SPDX id of the weights' licence
     default_resolution: int
     default_threshold: Optional[float]  # None: the surface is a level the model fixes (InstantMesh's SDF 0)
-    loader: Callable  # (folder, device) -> model with .reconstruct()
+    loader: Callable  # (folder, device) -> model with .make_planes(), .mesh_from(), .colour_field()
     # Side of the square image the encoder sees, for display: the model applies it (TripoSR reads it from
     # its config, OpenLRM's loader is given it) unless Options.source_size says otherwise.
     default_source_size: Optional[int] = None
     preprocessing: str = "triposr"  # recipe in ..preprocess
     patch_size: int = 16  # the encoder's patch: a source size must be a multiple of it
     # SINGLE: one image -> mesh (``.reconstruct``). MULTIVIEW: a diffusion model draws six views first, then a
-    # sparse-view LRM meshes them (``.load_views_model``, ``.generate_views``, ``.reconstruct_views``).
+    # sparse-view LRM meshes them (``.load_views_model``, ``.generate_views``, ``.planes_from_views``).
     kind: str = "single"
     # MULTIVIEW: the files the second stage needs alone (ready-made views, ``--views``); None = all of them.
     views_stage_files: Optional[tuple] = None

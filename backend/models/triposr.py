@@ -19,6 +19,8 @@ from torch import nn
 
 from .. import surface
 from ..errors import WeightsError
+from ..field import ColourField
+from ..stages import ENCODE, TRIPLANE
 from ..mesh import Mesh
 from .checkpoint import assign_weights, load_torch_file
 from .transformer import Transformer1D
@@ -179,27 +181,45 @@ class TripoSR(nn.Module):
         """The density/colour field of one object, planes (3, C, H, W)."""
         return TriplaneField(planes, self.decoder.layers, self.cfg.radius, self.cfg.density_bias)
 
-    def reconstruct(self, conditioning: np.ndarray, options, stages) -> Mesh:
+    def make_planes(self, conditioning: np.ndarray, options, stages) -> tuple[torch.Tensor, dict]:
+        """The prepared image -> this object's triplanes (3, C, H, W), and what was used."""
         from .. import preprocess
-        from ..pipeline import STAGE_ENCODE, STAGE_TRIPLANE, check_source_size
+        from ..pipeline import check_source_size
 
         size = check_source_size(int(options.source_size or self.cfg.cond_image_size), self.cfg.vit.patch_size)
-        stages.begin(STAGE_ENCODE, "encoding the image")
+        stages.begin(ENCODE, "encoding the image")
         rgb = preprocess.to_model_input(conditioning, size)
         tokens = self.encode(rgb, stages.check)
-        stages.begin(STAGE_TRIPLANE, "building triplanes")
-        field = self.field(self.triplanes(tokens, stages.check)[0])
-        vertices, faces, colors = surface.colored_surface(field, int(options.resolution), float(options.threshold),
-                                                          stages)
+        stages.begin(TRIPLANE, "building triplanes")
+        return self.triplanes(tokens, stages.check)[0], {"source_size": size}
+
+    def reconstruct(self, conditioning: np.ndarray, options, stages) -> Mesh:
+        """The image's mesh, as extracted (the pipeline adds the post-processing)."""
+        planes, used = self.make_planes(conditioning, options, stages)
+        mesh = self.mesh_from(planes, options, stages)
+        mesh.stats.update(used)
+        return mesh
+
+    def mesh_from(self, planes: torch.Tensor, options, stages) -> Mesh:
+        vertices, faces, colors = surface.colored_surface(self.field(planes), int(options.resolution),
+                                                          float(options.threshold), stages)
         return Mesh(to_blender_frame(vertices), faces, colors,
-                    stats={"threshold": float(options.threshold), "resolution": int(options.resolution),
-                           "source_size": size})
+                    stats={"threshold": float(options.threshold), "resolution": int(options.resolution)})
+
+    def colour_field(self, planes: torch.Tensor) -> ColourField:
+        field = self.field(planes.to(self.device))
+        return ColourField(lambda p: field.query(p)[1], from_blender_frame, self.device)
 
 
 def to_blender_frame(v: np.ndarray) -> np.ndarray:
     """TripoSR's frame (+X toward the camera, +Y image right, +Z up) -> Blender's (front view along +Y):
     (x, y, z) -> (y, -x, z), a rotation, so the winding stays outward."""
     return np.stack([v[:, 1], -v[:, 0], v[:, 2]], axis=1)
+
+
+def from_blender_frame(v: np.ndarray) -> np.ndarray:
+    """The inverse of :func:`to_blender_frame`: (x, y, z) -> (-y, x, z)."""
+    return np.stack([-v[:, 1], v[:, 0], v[:, 2]], axis=1)
 
 
 def load(folder: Path, device: torch.device) -> TripoSR:

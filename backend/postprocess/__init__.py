@@ -1,0 +1,97 @@
+"""Post-processing after surface extraction: reduce (or quads) -> UV atlas -> texture baked from the field.
+
+Every model family goes through :func:`run`; Bake from Model goes through :func:`bake_polygons`. Colours
+always come from the model's field, never from the old vertices.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .. import stages as stage
+from ..mesh import Mesh
+
+DEFAULT_TEXTURE_FACES = 50_000  # a texture without a face budget: light enough for a game engine
+
+
+def run(mesh: Mesh, colour_field, options, stages) -> Mesh:
+    """--faces / --quads / --texture on an extracted mesh. ``stats`` gains ``faces_reached`` and ``notes``: what
+    was done in place of what was asked, in words for the summary and the panel."""
+    notes: list[str] = []
+    target = None if options.faces is None else int(options.faces)
+    if options.texture and target is None:
+        target = DEFAULT_TEXTURE_FACES
+        notes.append(f"reduced to about {target:,} faces for the texture (a face budget chooses another count)")
+    vertices, faces, colors = mesh.vertices, mesh.faces, mesh.colors
+    quads = False
+    if target is not None and options.quads:
+        from .quads import QuadsFailed, quad_remesh
+
+        stages.begin(stage.REDUCE, f"quad remeshing to about {target:,} faces")
+        try:
+            vertices, faces = quad_remesh(vertices, faces, target)
+            quads = True
+        except QuadsFailed as e:
+            notes.append(f"quad remeshing failed ({e}): reduced to triangles instead")
+    if target is not None and not quads:
+        if target >= len(faces):
+            notes.append(f"the surface has {len(faces):,} faces, within the budget of {target:,}: left as extracted")
+        else:
+            from .reduce import reduce
+
+            stages.begin(stage.REDUCE, f"{len(faces):,} -> {target:,} faces")
+            vertices, faces = reduce(vertices, faces, target)
+    if vertices is not mesh.vertices:
+        stages.update(0.9, "colouring the new vertices from the field")
+        colors = colour_field(vertices)
+    out = Mesh(vertices, faces, colors, stats=dict(mesh.stats))
+    if options.texture:
+        out.uvs, out.texture, recharted = texture_for(vertices, faces, colour_field, int(options.texture), stages)
+        if recharted:
+            notes.append(f"{recharted:,} faces split across UV charts were given charts of their own")
+    out.stats.update(faces_reached=int(len(out.faces)), notes=notes, quads=quads,
+                     texture=int(options.texture) if options.texture else None)
+    if target is not None:
+        out.stats["face_budget"] = target
+    return out
+
+
+def texture_for(vertices, faces, colour_field, size: int, stages):
+    """-> (uvs (M, K, 2) per corner, texture (size, size, 3) uint8, polygons re-charted)."""
+    from ..mesh import triangulate
+    from .atlas import unwrap_faces
+
+    stages.begin(stage.UNWRAP, f"UV atlas for {len(faces):,} faces")
+    uvs, recharted = unwrap_faces(vertices, faces, size)
+    tris, tri_uvs = triangulate(faces, uvs)
+    return uvs, _bake(vertices, tris, tri_uvs, size, colour_field, stages), recharted
+
+
+def bake_polygons(vertices, corner_verts, loop_totals, uvs, colour_field, size: int, stages):
+    """Bake from Model on any polygon mesh: -> (uvs (L, 2) per loop, texture, stats). Without ``uvs`` an
+    atlas is made."""
+    from .atlas import fan, unwrap
+
+    vertices = np.asarray(vertices, np.float32).reshape(-1, 3)
+    corner_verts = np.asarray(corner_verts, np.int64).reshape(-1)
+    loop_totals = np.asarray(loop_totals, np.int64).reshape(-1)
+    if len(corner_verts) != int(loop_totals.sum()) or (loop_totals < 3).any():
+        raise ValueError("the polygons do not match their loops")
+    if len(corner_verts) and (corner_verts.min() < 0 or corner_verts.max() >= len(vertices)):
+        raise ValueError("a loop names a vertex that does not exist")
+    stats = {"polygons": int(len(loop_totals)), "uvs": "given" if uvs is not None else "made"}
+    if uvs is None:
+        stages.begin(stage.UNWRAP, f"UV atlas for {len(loop_totals):,} polygons")
+        uvs, stats["recharted"] = unwrap(vertices, corner_verts, loop_totals, size)
+    uvs = np.asarray(uvs, np.float32).reshape(len(corner_verts), 2)
+    tri_loops, _ = fan(loop_totals)
+    texture = _bake(vertices, corner_verts[tri_loops], uvs[tri_loops], size, colour_field, stages)
+    return uvs, texture, stats
+
+
+def _bake(vertices, tris, tri_uvs, size: int, colour_field, stages) -> np.ndarray:
+    from . import bake
+
+    stages.begin(stage.BAKE, f"{size}² texture from the field")
+    texture, _ = bake.bake(vertices, tris, tri_uvs, size, colour_field, on_fraction=stages.update)
+    return texture

@@ -219,8 +219,9 @@ class Worker:
     def busy(self) -> bool:
         return self.job is not None and not self.job.finished
 
-    def submit(self, image_path: str, options: dict) -> Job:
-        """Start a generation; the worker is started first if needed. Returns at once."""
+    def submit(self, image_path: str, options: dict, op: str = "generate", mesh: str | None = None) -> Job:
+        """Start a job: ``generate`` (an image -> a mesh) or ``bake`` (a texture from a generation's field on
+        the polygon mesh in the .npz ``mesh``). The worker is started first if needed. Returns at once."""
         if self.busy:
             raise RuntimeError("a generation is already running")
         self.start()
@@ -229,8 +230,11 @@ class Worker:
         job_dir = Path(tempfile.mkdtemp(prefix="job-", dir=self.temp_dir))
         job = Job(f"job-{os.getpid()}-{next(self._ids)}", job_dir)
         self.job = job
-        sent = self._send({"op": "generate", "id": job.id, "image": str(image_path),
-                           "output_dir": str(job_dir), "options": options})
+        request = {"op": op, "id": job.id, "image": str(image_path) if image_path else None,
+                   "output_dir": str(job_dir), "options": options}
+        if mesh is not None:
+            request["mesh"] = str(mesh)
+        sent = self._send(request)
         if sent:
             job.state = RUNNING
         # If sending failed the worker is dying: poll() reports it with its log.

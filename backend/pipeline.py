@@ -200,11 +200,11 @@ def bake(image_path, options: Options, vertices, corner_verts, loop_totals, uvs=
         options = replace(options, texture=DEFAULT_BAKE_SIZE)
     stages = _begin(image_path, options, progress, cancelled)
     try:
-        spec, model, planes, _, options = _field(image_path and Path(image_path), options, stages, model_cache,
-                                                 field_cache)
+        spec, model, planes, used, options = _field(image_path and Path(image_path), options, stages, model_cache,
+                                                    field_cache)
         uvs, texture, stats = bake_polygons(vertices, corner_verts, loop_totals, uvs, model.colour_field(planes),
                                             int(options.texture), stages)
-        stats.update(_finish_stats(spec, options, stages))
+        stats.update(used, **_finish_stats(spec, options, stages))
         return uvs, texture, stats
     except Exception as e:
         raise _as_out_of_memory(e, stages) from e
@@ -273,7 +273,7 @@ def _field(image_path: Optional[Path], options: Options, stages: _Stages, model_
     else:
         model, planes, used, options = _field_from_image(image_path, spec, options, device, stages, model_cache)
     if field_cache is not None:
-        used["field_id"] = options.field_id or field_cache.new_id()
+        used.update(field_id=options.field_id or field_cache.new_id(), field="recomputed" if options.field_id else "new")
         field_cache.save(used["field_id"], planes, key)
     return spec, model, planes, used, options
 

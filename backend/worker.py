@@ -7,12 +7,18 @@ the channel.
 Requests::
 
     {"op": "generate", "id": "job-1", "image": "/abs/in.png", "output_dir": "/abs/job-dir", "options": {...}}
+    {"op": "bake", "id": "job-2", "image": "/abs/in.png", "mesh": "/abs/mesh.npz", "output_dir": ..., "options": {...}}
     {"op": "cancel", "id": "job-1"}        # honoured between chunks of work
     {"op": "shutdown"}                     # also: stdin closed (the client went away)
 
 Events: ``ready``, ``progress`` (stage, fraction, message), ``result`` (path of the .npz, stats, and
 ``views``: the six generated views as a PNG grid, for multi-view models),
 ``error`` (code, message, hint), ``log``. Every job event carries the job ``id``.
+
+``bake`` (Bake from Model) takes a polygon mesh in the generated mesh's frame (``vertices``, ``corner_verts``,
+``loop_totals`` and optionally ``uvs`` per loop) and answers with an .npz of ``texture`` and ``uvs``, sampled
+from the generation's field (``options.field_id``). Every generation's field is kept in a
+:class:`~.field.FieldCache`; its id is ``stats["field_id"]`` of the result.
 
 One job runs at a time on the main thread; a reader thread takes requests so that ``cancel`` can be seen
 while a job runs. Loaded models stay in ``model_cache`` between jobs (a warm worker skips loading).
@@ -33,6 +39,7 @@ from pathlib import Path
 from .errors import BackendError, Cancelled, InputError
 
 RESULT_NAME = "mesh.npz"
+BAKE_NAME = "bake.npz"  # Bake from Model's texture and per-loop UVs
 VIEWS_NAME = "views.png"  # a multi-view model's generated views, kept next to the mesh for the client
 PROGRESS_INTERVAL_S = 0.1  # at most ~10 progress events a second per stage, plus every stage change
 
@@ -101,7 +108,7 @@ def read_requests(stream, control: JobControl, events: EventWriter) -> None:
         except (ValueError, KeyError, TypeError):
             events.emit("error", id=None, code="bad_request", message=f"not a request: {line[:200]}", hint="")
             continue
-        if op == "generate":
+        if op in ("generate", "bake"):
             job_id = request.get("id")
             if control.try_begin(job_id):
                 control.requests.put(request)
@@ -173,44 +180,77 @@ def _draws_views(model_id: str) -> bool:
     return registry.get(model_id).multiview
 
 
-def run_job(request: dict, control: JobControl, events: EventWriter, model_cache: dict) -> None:
-    from . import mesh as mesh_io
-    from .pipeline import generate
-
+def run_job(request: dict, control: JobControl, events: EventWriter, model_cache: dict, field_cache=None) -> None:
     job_id = request.get("id")
     started = time.perf_counter()
     try:
-        image = request.get("image")
-        if not image:
-            raise InputError("no image given")
         output_dir = Path(request.get("output_dir") or "")
         if not output_dir.is_dir():
             raise InputError(f"output folder does not exist: {output_dir}")
         options = make_options(request.get("options"))
-        if options.save_views is None and options.views is None and _draws_views(options.model):
-            options.save_views = str(output_dir / VIEWS_NAME)
+        job = {"generate": _generate, "bake": _bake}[request.get("op", "generate")]
         models_before = set(model_cache)
-        mesh = generate(image, options, progress=ProgressThrottle(events, job_id),
-                        cancelled=control.cancel.is_set, model_cache=model_cache)
+        path, stats, views = job(request, options, output_dir, ProgressThrottle(events, job_id),
+                                 control.cancel.is_set, model_cache, field_cache)
         if control.cancel.is_set():
             raise Cancelled()
-        path = mesh_io.save(mesh, output_dir / RESULT_NAME)
-        stats = dict(mesh.stats)
-        stats.update(
-            vertices=int(len(mesh.vertices)),
-            faces=int(len(mesh.faces)),
-            # "hit": the model came from this worker's cache (no loading); "miss": it was loaded now.
-            model_cache="miss" if set(model_cache) - models_before or not model_cache else "hit",
-            total_seconds=round(time.perf_counter() - started, 3),
-        )
-        views = options.save_views if options.save_views and Path(options.save_views).is_file() else None
-        events.emit("result", id=job_id, path=str(path), stats=stats, views=views)
+        # "hit": the model came from this worker's cache (no loading); "miss": it was loaded now.
+        stats.update(model_cache="miss" if set(model_cache) - models_before or not model_cache else "hit",
+                     total_seconds=round(time.perf_counter() - started, 3))
+        outcome = {"event": "result", "id": job_id, "path": str(path), "stats": stats, "views": views}
     except Exception as exc:  # noqa: BLE001 - every failure becomes an error event; the worker lives on
         if not isinstance(exc, BackendError):
             traceback.print_exc(file=sys.stderr)
-        events.emit("error", id=job_id, **error_fields(exc))
-    finally:
-        control.finish()
+        outcome = {"event": "error", "id": job_id, **error_fields(exc)}
+    # Free before answering: a client that submits the next job on this answer must not find the worker busy.
+    control.finish()
+    events.emit(outcome.pop("event"), **outcome)
+
+
+def _generate(request, options, output_dir: Path, progress, cancelled, model_cache, field_cache):
+    from . import mesh as mesh_io
+    from .pipeline import generate
+
+    image = request.get("image")
+    if not image and not options.field_id:
+        raise InputError("no image given")
+    if options.save_views is None and options.views is None and _draws_views(options.model):
+        options.save_views = str(output_dir / VIEWS_NAME)
+    mesh = generate(image or None, options, progress=progress, cancelled=cancelled, model_cache=model_cache,
+                    field_cache=field_cache)
+    if cancelled():
+        raise Cancelled()
+    path = mesh_io.save(mesh, output_dir / RESULT_NAME)
+    stats = dict(mesh.stats, vertices=int(len(mesh.vertices)), faces=int(len(mesh.faces)))
+    views = options.save_views if options.save_views and Path(options.save_views).is_file() else None
+    return path, stats, views
+
+
+def _bake(request, options, output_dir: Path, progress, cancelled, model_cache, field_cache):
+    import numpy as np
+
+    from .mesh import atomic_output
+    from .pipeline import bake
+
+    if not options.field_id:
+        raise InputError("Bake from Model needs the generation's field id (options.field_id)")
+    try:
+        with np.load(request.get("mesh") or "") as data:
+            polygons = {k: data[k] for k in ("vertices", "corner_verts", "loop_totals")}
+            polygons["uvs"] = data["uvs"] if "uvs" in data else None
+    except (OSError, ValueError, KeyError) as e:
+        raise InputError(f"the mesh to bake on could not be read: {e}") from None
+    try:
+        uvs, texture, stats = bake(request.get("image") or None, options, progress=progress, cancelled=cancelled,
+                                   model_cache=model_cache, field_cache=field_cache, **polygons)
+    except ValueError as e:  # a malformed mesh
+        raise InputError(f"the mesh to bake on is not valid: {e}") from None
+    if cancelled():
+        raise Cancelled()
+    path = output_dir / BAKE_NAME
+    with atomic_output(path) as f:
+        np.savez(f, uvs=uvs, texture=texture)
+    return path, stats, None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -224,12 +264,15 @@ def main(argv: list[str] | None = None) -> int:
     events.emit("ready", **describe_runtime())
     reader.start()
 
+    from .field import FieldCache
+
     model_cache: dict = {}
+    field_cache = FieldCache()
     while True:
         request = control.requests.get()
         if request is None:
             break
-        run_job(request, control, events, model_cache)
+        run_job(request, control, events, model_cache, field_cache)
     return 0
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import stages as stage
+from ..errors import InputError
 from ..mesh import Mesh
 
 DEFAULT_TEXTURE_FACES = 50_000  # a texture without a face budget: light enough for a game engine
@@ -46,9 +47,10 @@ def run(mesh: Mesh, colour_field, options, stages) -> Mesh:
         colors = colour_field(vertices)
     out = Mesh(vertices, faces, colors, stats=dict(mesh.stats))
     if options.texture:
-        out.uvs, out.texture, recharted = texture_for(vertices, faces, colour_field, int(options.texture), stages)
-        if recharted:
-            notes.append(f"{recharted:,} faces split across UV charts were given charts of their own")
+        out.faces, out.uvs, out.texture, split = texture_for(vertices, faces, colour_field, int(options.texture),
+                                                             stages)
+        if split:
+            notes.append(f"{split:,} quads that the UV atlas cut in two were split into triangles")
     out.stats.update(faces_reached=int(len(out.faces)), notes=notes, quads=quads,
                      texture=int(options.texture) if options.texture else None)
     if target is not None:
@@ -57,14 +59,14 @@ def run(mesh: Mesh, colour_field, options, stages) -> Mesh:
 
 
 def texture_for(vertices, faces, colour_field, size: int, stages):
-    """-> (uvs (M, K, 2) per corner, texture (size, size, 3) uint8, polygons re-charted)."""
+    """-> (faces, uvs (M, K, 2) per corner, texture (size, size, 3) uint8, quads split into triangles)."""
     from ..mesh import triangulate
     from .atlas import unwrap_faces
 
     stages.begin(stage.UNWRAP, f"UV atlas for {len(faces):,} faces")
-    uvs, recharted = unwrap_faces(vertices, faces, size)
+    faces, uvs, _, split = unwrap_faces(vertices, faces, size)
     tris, tri_uvs = triangulate(faces, uvs)
-    return uvs, _bake(vertices, tris, tri_uvs, size, colour_field, stages), recharted
+    return faces, uvs, _bake(vertices, tris, tri_uvs, size, colour_field, stages), split
 
 
 def bake_polygons(vertices, corner_verts, loop_totals, uvs, colour_field, size: int, stages):
@@ -82,7 +84,11 @@ def bake_polygons(vertices, corner_verts, loop_totals, uvs, colour_field, size: 
     stats = {"polygons": int(len(loop_totals)), "uvs": "given" if uvs is not None else "made"}
     if uvs is None:
         stages.begin(stage.UNWRAP, f"UV atlas for {len(loop_totals):,} polygons")
-        uvs, stats["recharted"] = unwrap(vertices, corner_verts, loop_totals, size)
+        uvs, stats["polygons_apart"], broken, _ = unwrap(vertices, corner_verts, loop_totals, size)
+        if broken.any():  # the artist's polygons are theirs: no splitting here
+            raise InputError(f"the UV atlas cuts {int(broken.sum()):,} of the object's polygons in two",
+                             hint="Unwrap the object in Blender (UV › Unwrap or Smart UV Project), then Bake from "
+                                  "Model again: the texture is baked on your UV map.")
     uvs = np.asarray(uvs, np.float32).reshape(len(corner_verts), 2)
     tri_loops, _ = fan(loop_totals)
     texture = _bake(vertices, corner_verts[tri_loops], uvs[tri_loops], size, colour_field, stages)

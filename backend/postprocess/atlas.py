@@ -1,9 +1,9 @@
 """A UV atlas from xatlas, packed into one square texture, for triangles, quads or any polygons.
 
 xatlas's Python binding takes triangles only, so polygons are unwrapped as their fan triangles. A polygon
-whose triangles land in different charts would have no single UV per corner: such a polygon becomes a chart
-of its own (projected on its plane), and a second xatlas pass packs the charts again from those UVs. Every
-polygon is kept, with one UV per corner.
+whose triangles land in different charts would have no single UV per corner: xatlas runs again with such
+polygons set apart (vertices of their own), so that each becomes a chart of its own. Every polygon is kept,
+with one UV per corner.
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ import numpy as np
 
 FILL = 0.7  # share of the square that xatlas's packing usually covers: the first guess of its scale
 MAX_TRIES = 6
+RELAXED_MAX_COST = 1e3
+PASSES = 3  # xatlas runs: the first, then with the polygons it cut set apart (a polygon alone is rarely cut)
 
 
 def padding_for(size: int) -> int:
@@ -39,84 +41,72 @@ def fan(loop_totals: np.ndarray):
 
 
 def unwrap_faces(vertices: np.ndarray, faces: np.ndarray, size: int):
-    """-> (uvs (M, K, 2) per face corner with v up, polygons re-charted) for Mesh-style faces."""
+    """Mesh-style faces -> (faces, uvs (M', K, 2) per face corner with v up, polygons set apart, quads split).
+    A quad that xatlas still cuts in two becomes its two triangles (the second appended at the end)."""
+    faces = np.asarray(faces)
     corner_verts, totals = polygons(faces)
-    loop_uvs, recharted = unwrap(vertices, corner_verts, totals, size)
+    loop_uvs, alone, broken, tri_uvs = unwrap(vertices, corner_verts, totals, size)
     uvs = np.zeros((*faces.shape, 2), np.float32)
-    uvs[np.asarray(faces) >= 0] = loop_uvs
-    return uvs, recharted
+    uvs[faces >= 0] = loop_uvs
+    if not broken.any():
+        return faces, uvs, alone, 0
+    tri_loops, tri_poly = fan(totals)
+    first = np.searchsorted(tri_poly, np.flatnonzero(broken))  # a broken quad's triangles: first, first + 1
+    quads = np.flatnonzero(broken)
+    faces, uvs = faces.copy(), uvs.copy()
+    extra = np.full((len(quads), faces.shape[1]), -1, np.int32)
+    extra[:, :3] = faces[quads][:, [0, 2, 3]]
+    extra_uvs = np.zeros((len(quads), faces.shape[1], 2), np.float32)
+    extra_uvs[:, :3] = tri_uvs[first + 1]
+    faces[quads, 3] = -1
+    uvs[quads, :3], uvs[quads, 3] = tri_uvs[first], 0.0
+    return np.concatenate([faces, extra]), np.concatenate([uvs, extra_uvs]), alone, len(quads)
 
 
 def unwrap(vertices: np.ndarray, corner_verts: np.ndarray, loop_totals: np.ndarray, size: int):
-    """-> (uvs (L, 2) per loop in [0, 1], v up; number of polygons that needed a chart of their own)."""
+    """-> (uvs (L, 2) per loop in [0, 1], v up; the number of polygons set apart; a mask of the polygons xatlas
+    still cut, whose loops have no single UV each; the UVs per fan-triangle corner (T, 3, 2))."""
     vertices = np.ascontiguousarray(vertices, np.float32)
     corner_verts = np.asarray(corner_verts, np.int64)
     tri_loops, tri_poly = fan(loop_totals)
-    tris = corner_verts[tri_loops]
-    ids, uv, texels_per_unit = _atlas(vertices, tris, None, size)
-    # Each loop takes the atlas vertex of one of its triangle corners; a polygon is whole when they all agree.
-    loop_id = np.full(len(corner_verts), -1, np.int64)
-    loop_id[tri_loops.reshape(-1)] = ids.reshape(-1)
-    broken = np.zeros(len(loop_totals), bool)
-    broken[tri_poly[(loop_id[tri_loops] != ids).any(axis=1)]] = True
-    if not broken.any():
-        return uv[loop_id], 0
-    # UVs in surface units, as xatlas's first pass laid them out; broken polygons get their own planar chart.
-    loop_uv = uv[loop_id] * size / texels_per_unit
-    starts = np.cumsum(loop_totals) - loop_totals
-    for p in np.flatnonzero(broken):  # a few percent of the polygons, along chart borders
-        loops = np.arange(starts[p], starts[p] + loop_totals[p])
-        loop_uv[loops] = _planar(vertices[corner_verts[loops]])
-    # Second pass: one atlas vertex per distinct (vertex, uv) corner; xatlas charts them by their UVs and packs.
-    keys = np.concatenate([corner_verts[:, None].astype(np.float64), loop_uv.astype(np.float64)], axis=1)
-    _, first, corner_of = np.unique(keys, axis=0, return_index=True, return_inverse=True)
-    corner_of = corner_of.reshape(-1)
-    ids2, uv2, _ = _atlas(vertices[corner_verts[first]], corner_of[tri_loops], loop_uv[first], size)
-    out = np.empty((len(corner_verts), 2), np.float32)
-    out[tri_loops.reshape(-1)] = uv2[ids2.reshape(-1)]
-    return out, int(broken.sum())
+    alone = np.zeros(len(loop_totals), bool)
+    for _ in range(PASSES):
+        # Polygons set apart get vertices of their own: xatlas then sees them as separate pieces of surface.
+        mesh_vertex = corner_verts.copy()
+        apart = np.repeat(alone, loop_totals)
+        mesh_vertex[apart] = len(vertices) + np.arange(int(apart.sum()))
+        points = np.concatenate([vertices, vertices[corner_verts[apart]]])
+        ids, uv = _atlas(points, mesh_vertex[tri_loops], size, relaxed=alone.any())
+        # Each loop takes the atlas vertex of one of its triangle corners; a polygon is whole when they all agree.
+        loop_id = np.full(len(corner_verts), -1, np.int64)
+        loop_id[tri_loops.reshape(-1)] = ids.reshape(-1)
+        broken = np.zeros(len(loop_totals), bool)
+        broken[tri_poly[(loop_id[tri_loops] != ids).any(axis=1)]] = True
+        if not broken.any() or _ == PASSES - 1:
+            return uv[loop_id], int(alone.sum()), broken, uv[ids]
+        alone |= broken
 
 
-def _planar(points: np.ndarray) -> np.ndarray:
-    """A polygon's corners projected on its own plane, in surface units."""
-    centre = points.mean(axis=0)
-    normal = np.zeros(3)
-    for a, b in zip(points, np.roll(points, -1, axis=0)):  # Newell's normal: any polygon, any corner order
-        normal += np.cross(a - centre, b - centre)
-    normal /= max(np.linalg.norm(normal), 1e-20)
-    e1 = points[1] - points[0]
-    e1 = e1 - normal * (e1 @ normal)
-    e1 /= max(np.linalg.norm(e1), 1e-20)
-    e2 = np.cross(normal, e1)
-    rel = points - points[0]
-    return np.stack([rel @ e1, rel @ e2], axis=1)
-
-
-def _atlas(vertices: np.ndarray, tris: np.ndarray, vertex_uvs, size: int):
-    """xatlas on triangles -> (per-corner ids into the atlas vertices (T, 3), their UVs (V', 2) in [0, 1] with
-    v up, the texels per surface unit used). With ``vertex_uvs``, the charts are those UVs' islands."""
+def _atlas(vertices: np.ndarray, tris: np.ndarray, size: int, relaxed: bool = False):
+    """xatlas on triangles -> (per-corner ids into the atlas vertices (T, 3), their UVs (V', 2) in [0, 1], v up)."""
     import xatlas
 
-    if vertex_uvs is None:
-        a, b, c = vertices[tris[:, 0]], vertices[tris[:, 1]], vertices[tris[:, 2]]
-    else:
-        flat = np.concatenate([vertex_uvs, np.zeros((len(vertex_uvs), 1))], axis=1)
-        a, b, c = flat[tris[:, 0]], flat[tris[:, 1]], flat[tris[:, 2]]
+    a, b, c = vertices[tris[:, 0]], vertices[tris[:, 1]], vertices[tris[:, 2]]
     area = 0.5 * np.linalg.norm(np.cross(b - a, c - a), axis=1).sum()
     texels_per_unit = float(np.sqrt(FILL * size * size / max(area, 1e-20)))
     tris32 = np.ascontiguousarray(tris, np.uint32)
     for _ in range(MAX_TRIES):
         atlas = xatlas.Atlas()
-        if vertex_uvs is None:
-            atlas.add_mesh(vertices, tris32)
-        else:
-            atlas.add_mesh(vertices, tris32, uvs=np.ascontiguousarray(vertex_uvs, np.float32))
-        charts, pack = xatlas.ChartOptions(), xatlas.PackOptions()
-        charts.use_input_mesh_uvs = vertex_uvs is not None
+        atlas.add_mesh(vertices, tris32)
+        pack = xatlas.PackOptions()
         pack.resolution = size
         pack.texels_per_unit = texels_per_unit
         pack.padding = padding_for(size)
         pack.bilinear = True
+        charts = xatlas.ChartOptions()
+        if relaxed:  # a pass for polygons set apart: let a chart bend rather than cut a polygon
+            charts.max_cost = RELAXED_MAX_COST
+            charts.normal_deviation_weight = 0.0
         atlas.generate(chart_options=charts, pack_options=pack)
         if atlas.atlas_count == 1:
             break
@@ -128,4 +118,4 @@ def _atlas(vertices: np.ndarray, tris: np.ndarray, vertex_uvs, size: int):
         raise RuntimeError("xatlas reordered the triangles")  # the corner UVs would be wrong
     # xatlas normalises by the atlas size with rows downward: flip to v up.
     uv = np.stack([uv[:, 0], 1.0 - uv[:, 1]], axis=1).astype(np.float32)
-    return indices.astype(np.int64), uv, texels_per_unit
+    return indices.astype(np.int64), uv

@@ -2,7 +2,7 @@
 
 xatlas's Python binding takes triangles only, so polygons are unwrapped as their fan triangles. A polygon
 whose triangles land in different charts would have no single UV per corner: xatlas runs again with such
-polygons set apart (vertices of their own), so that each becomes a chart of its own. Every polygon is kept,
+polygons set apart (vertices of their own, unfolded flat), so that each becomes a chart of its own. Every polygon is kept,
 with one UV per corner.
 """
 
@@ -12,8 +12,7 @@ import numpy as np
 
 FILL = 0.7  # share of the square that xatlas's packing usually covers: the first guess of its scale
 MAX_TRIES = 6
-RELAXED_MAX_COST = 1e3
-PASSES = 3  # xatlas runs: the first, then with the polygons it cut set apart (a polygon alone is rarely cut)
+PASSES = 3  # xatlas runs: the first, then with the polygons it cut set apart (unfolded flat), twice at most
 
 
 def padding_for(size: int) -> int:
@@ -75,8 +74,8 @@ def unwrap(vertices: np.ndarray, corner_verts: np.ndarray, loop_totals: np.ndarr
         mesh_vertex = corner_verts.copy()
         apart = np.repeat(alone, loop_totals)
         mesh_vertex[apart] = len(vertices) + np.arange(int(apart.sum()))
-        points = np.concatenate([vertices, vertices[corner_verts[apart]]])
-        ids, uv = _atlas(points, mesh_vertex[tri_loops], size, relaxed=alone.any())
+        points = np.concatenate([vertices, _flattened(vertices, corner_verts, loop_totals, alone)])
+        ids, uv = _atlas(points, mesh_vertex[tri_loops], size)
         # Each loop takes the atlas vertex of one of its triangle corners; a polygon is whole when they all agree.
         loop_id = np.full(len(corner_verts), -1, np.int64)
         loop_id[tri_loops.reshape(-1)] = ids.reshape(-1)
@@ -87,7 +86,50 @@ def unwrap(vertices: np.ndarray, corner_verts: np.ndarray, loop_totals: np.ndarr
         alone |= broken
 
 
-def _atlas(vertices: np.ndarray, tris: np.ndarray, size: int, relaxed: bool = False):
+def _flattened(vertices, corner_verts, loop_totals, polygons_apart) -> np.ndarray:
+    """The corners of the polygons set apart, each polygon unfolded flat on a spot of its own: xatlas cuts a chart
+    where it cannot flatten it, and a flat polygon it need not cut. Unfolding keeps every triangle's shape, so
+    the polygon's texel density is the surface's."""
+    starts = np.cumsum(loop_totals) - loop_totals
+    out = []
+    # Far from the surface and from each other: xatlas links corners that share a position.
+    spacing = 2.0 * float(np.abs(vertices).max() + 1.0)
+    side = int(np.ceil(np.sqrt(polygons_apart.sum())))
+    for k, p in enumerate(np.flatnonzero(polygons_apart)):
+        points = vertices[corner_verts[starts[p]:starts[p] + loop_totals[p]]].astype(np.float64)
+        flat = _unfold(points)
+        centre = points.mean(axis=0)
+        normal = sum(np.cross(a - centre, b - centre) for a, b in zip(points, np.roll(points, -1, axis=0)))
+        e1 = points[1] - points[0]
+        e1 -= normal * (e1 @ normal) / max(normal @ normal, 1e-30)
+        e1 /= max(np.linalg.norm(e1), 1e-30)
+        e2 = np.cross(normal / max(np.linalg.norm(normal), 1e-30), e1)
+        spot = spacing * np.array([1 + k % side, 1 + k // side, 1.0])
+        out.append(spot + flat[:, :1] * e1 + flat[:, 1:] * e2)
+    return np.concatenate(out).astype(np.float32) if out else np.zeros((0, 3), np.float32)
+
+
+def _unfold(points: np.ndarray) -> np.ndarray:
+    """A polygon's fan triangles (0, i, i+1) laid flat one after another, each hinged on the edge it shares with
+    the one before and turned to its far side: every triangle keeps its shape, and none folds over the last."""
+    out = np.zeros((len(points), 2))
+    out[1, 0] = np.linalg.norm(points[1] - points[0])
+    for i in range(2, len(points)):
+        r0 = np.linalg.norm(points[i] - points[0])
+        r1 = np.linalg.norm(points[i] - points[i - 1])
+        hinge = out[i - 1] - out[0]
+        length = max(np.linalg.norm(hinge), 1e-30)
+        along = (r0 * r0 - r1 * r1 + length * length) / (2 * length)
+        across = np.sqrt(max(r0 * r0 - along * along, 0.0))
+        axis = hinge / length
+        normal = np.array([-axis[1], axis[0]])
+        if i > 2 and (out[i - 2] - out[0]) @ normal > 0:  # the previous triangle is on this side
+            normal = -normal
+        out[i] = out[0] + axis * along + normal * across
+    return out
+
+
+def _atlas(vertices: np.ndarray, tris: np.ndarray, size: int):
     """xatlas on triangles -> (per-corner ids into the atlas vertices (T, 3), their UVs (V', 2) in [0, 1], v up)."""
     import xatlas
 
@@ -103,11 +145,7 @@ def _atlas(vertices: np.ndarray, tris: np.ndarray, size: int, relaxed: bool = Fa
         pack.texels_per_unit = texels_per_unit
         pack.padding = padding_for(size)
         pack.bilinear = True
-        charts = xatlas.ChartOptions()
-        if relaxed:  # a pass for polygons set apart: let a chart bend rather than cut a polygon
-            charts.max_cost = RELAXED_MAX_COST
-            charts.normal_deviation_weight = 0.0
-        atlas.generate(chart_options=charts, pack_options=pack)
+        atlas.generate(pack_options=pack)
         if atlas.atlas_count == 1:
             break
         texels_per_unit *= 0.85  # the charts did not fit one square: smaller

@@ -40,8 +40,18 @@ venv-bpy50: .venv-bpy50/.installed
 
 test: test-plain test-bpy42 test-bpy50
 
-test-plain: venv
+# The bpy venvs too: tests/test_mesh_io.py imports our GLB/OBJ/PLY with Blender's own importers.
+test-plain: venv gltf-validator venv-bpy42 venv-bpy50
 	.venv/bin/python -m pytest tests --ignore=tests/blender -q $(PYTEST_ARGS)
+
+# Khronos glTF Validator (npm) for tests/test_mesh_io.py, in the ignored folder .gltf-validator/.
+GLTF_VALIDATOR_VERSION := 2.0.0-dev.3.10
+.PHONY: gltf-validator
+gltf-validator: .gltf-validator/.installed-$(GLTF_VALIDATOR_VERSION)
+
+.gltf-validator/.installed-$(GLTF_VALIDATOR_VERSION):
+	npm install --prefix .gltf-validator --no-audit --no-fund --save-exact gltf-validator@$(GLTF_VALIDATOR_VERSION)
+	touch $@
 
 # Each Blender version in its own venv and its own pytest process; the worker runs in .venv.
 test-bpy42: venv venv-bpy42

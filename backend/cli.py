@@ -213,6 +213,8 @@ def _generate(args) -> int:
         from .pipeline import generate
 
         mesh = generate(args.input, options, progress=_progress_printer(args.quiet or args.json))
+        if args.input and Path(args.input).resolve() in {p.resolve() for p in meshio.output_files(mesh, output)}:
+            raise InputError(f"writing {output} would overwrite the input image {args.input}")
         meshio.save(mesh, output)
     except BackendError as e:
         return _fail(args, e.exit_status, e.to_dict())

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
-import torch
 
 POINTS_PER_CHUNK = 1 << 18
 CACHE_LIMIT_BYTES = 2 << 30  # a few hundred generations
@@ -33,10 +32,17 @@ class ColourField:
     points (numpy) to the model's frame; ``finish`` applies the model's output convention (e.g. bytes)."""
 
     def __init__(self, colour_fn: Callable, to_model: Callable, device, finish: Optional[Callable] = None):
-        self._colour_fn, self._to_model, self.device, self._finish = colour_fn, to_model, torch.device(device), finish
+        self._colour_fn, self._to_model, self.device, self._finish = colour_fn, to_model, device, finish
 
-    @torch.no_grad()
     def __call__(self, points: np.ndarray, on_fraction=None) -> np.ndarray:
+        import torch
+
+        with torch.no_grad():
+            return self._colours(points, on_fraction)
+
+    def _colours(self, points: np.ndarray, on_fraction) -> np.ndarray:
+        import torch
+
         points = np.asarray(points, np.float32).reshape(-1, 3)
         out = np.empty((len(points), 3), np.float32)
         for start in range(0, len(points), POINTS_PER_CHUNK):
@@ -73,7 +79,7 @@ class FieldCache:
             raise ValueError(f"not a field id: {field_id!r}")
         return self.folder / f"{field_id}.safetensors"
 
-    def save(self, field_id: str, planes: torch.Tensor, key: str) -> None:
+    def save(self, field_id: str, planes, key: str) -> None:
         """Keep ``planes`` under ``field_id``; ``key`` says which model made them (checked on load)."""
         from safetensors.torch import save_file
 
@@ -89,7 +95,7 @@ class FieldCache:
                 os.unlink(tmp)
         self._prune(keep=path)
 
-    def load(self, field_id: str, key: str) -> Optional[torch.Tensor]:
+    def load(self, field_id: str, key: str):
         """The planes, or None when they are gone, unreadable or were made by another model."""
         from safetensors import safe_open
 

@@ -336,3 +336,12 @@ def test_cancel_while_baking_leaves_no_job_folder(worker):
     worker.wait(60)
     assert job.state == wire.CANCELLED
     assert not job.job_dir.exists()
+
+
+def test_textured_obj_never_overwrites_its_input_image(tmp_path):
+    image = tmp_path / "chair_texture.png"
+    shutil.copy(IMAGE, image)
+    result = run_backend("generate", image, "-o", tmp_path / "chair.obj", "--weights", TINY, "--resolution", "32",
+                         "--texture", "512")
+    assert result.returncode == 2 and "would overwrite the input image" in result.stderr
+    assert image.read_bytes() == IMAGE.read_bytes() and sorted(p.name for p in tmp_path.iterdir()) == [image.name]

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
-FILL = 0.7  # share of the square that xatlas's packing usually covers: the first guess of its scale
-MAX_TRIES = 6
+FILL = 0.55  # texel density: charts covering this share of the square come out about its size once packed
+PADDING_HEADROOM = 1.4  # the packed atlas is scaled to the square, at most by about this much
 PASSES = 3  # xatlas runs: the first, then with the polygons it cut set apart (unfolded flat), twice at most
 
 
@@ -130,30 +130,27 @@ def _unfold(points: np.ndarray) -> np.ndarray:
 
 
 def _atlas(vertices: np.ndarray, tris: np.ndarray, size: int):
-    """xatlas on triangles -> (per-corner ids into the atlas vertices (T, 3), their UVs (V', 2) in [0, 1], v up)."""
+    """xatlas on triangles -> (per-corner ids into the atlas vertices (T, 3), their UVs (V', 2) in [0, 1], v up).
+
+    xatlas packs into an atlas of the size it needs at a given texel density (one run; packing into a fixed
+    square instead needs guesses and reruns, about 5 s each at 50k faces), which is then scaled to the square.
+    The padding asked for allows for that scale."""
     import xatlas
 
     a, b, c = vertices[tris[:, 0]], vertices[tris[:, 1]], vertices[tris[:, 2]]
     area = 0.5 * np.linalg.norm(np.cross(b - a, c - a), axis=1).sum()
-    texels_per_unit = float(np.sqrt(FILL * size * size / max(area, 1e-20)))
-    tris32 = np.ascontiguousarray(tris, np.uint32)
-    for _ in range(MAX_TRIES):
-        atlas = xatlas.Atlas()
-        atlas.add_mesh(vertices, tris32)
-        pack = xatlas.PackOptions()
-        pack.resolution = size
-        pack.texels_per_unit = texels_per_unit
-        pack.padding = padding_for(size)
-        pack.bilinear = True
-        atlas.generate(pack_options=pack)
-        if atlas.atlas_count == 1:
-            break
-        texels_per_unit *= 0.85  # the charts did not fit one square: smaller
-    else:
-        raise RuntimeError(f"xatlas could not pack the charts into one {size}² texture")
+    atlas = xatlas.Atlas()
+    atlas.add_mesh(vertices, np.ascontiguousarray(tris, np.uint32))
+    pack = xatlas.PackOptions()
+    pack.texels_per_unit = float(np.sqrt(FILL * size * size / max(area, 1e-20)))
+    pack.padding = int(np.ceil(padding_for(size) * PADDING_HEADROOM))
+    pack.bilinear = True
+    atlas.generate(pack_options=pack)
     mapping, indices, uv = atlas[0]
-    if len(indices) != len(tris) or not np.array_equal(mapping[indices], tris):
-        raise RuntimeError("xatlas reordered the triangles")  # the corner UVs would be wrong
-    # xatlas normalises by the atlas size with rows downward: flip to v up.
-    uv = np.stack([uv[:, 0], 1.0 - uv[:, 1]], axis=1).astype(np.float32)
+    if atlas.atlas_count != 1 or len(indices) != len(tris) or not np.array_equal(mapping[indices], tris):
+        raise RuntimeError("xatlas did not give one atlas of the triangles in order")  # the UVs would be wrong
+    # xatlas normalises by its atlas's width and height, rows downward: one scale for both axes, then v up.
+    width, height = atlas.width, atlas.height
+    side = max(width, height)
+    uv = np.stack([uv[:, 0] * (width / side), 1.0 - uv[:, 1] * (height / side)], axis=1).astype(np.float32)
     return indices.astype(np.int64), uv

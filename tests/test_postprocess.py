@@ -345,3 +345,30 @@ def test_textured_obj_never_overwrites_its_input_image(tmp_path):
                          "--texture", "512")
     assert result.returncode == 2 and "would overwrite the input image" in result.stderr
     assert image.read_bytes() == IMAGE.read_bytes() and sorted(p.name for p in tmp_path.iterdir()) == [image.name]
+
+
+def test_polygons_with_corners_in_line_are_unwrapped_whole(full):
+    """Blender's Subdivide without fill leaves hexagons: a triangle plus its edge midpoints. A fan from a corner
+    has a triangle of no area; the atlas must still keep every polygon whole."""
+    from backend.postprocess import atlas
+
+    small = run(faces=400)
+    a, b, c = small.faces.T
+    n = len(small.vertices)
+    edges = np.sort(np.concatenate([np.stack([a, b], 1), np.stack([b, c], 1), np.stack([c, a], 1)]), axis=1)
+    unique, inverse = np.unique(edges, axis=0, return_inverse=True)
+    ab, bc, ca = np.split(inverse.reshape(-1) + n, 3)
+    vertices = np.concatenate([small.vertices, small.vertices[unique].mean(axis=1)])
+    hexagons = np.stack([a, ab, b, bc, c, ca], axis=1)
+    uvs, alone, broken, _ = atlas.unwrap(vertices, hexagons.reshape(-1), np.full(len(hexagons), 6), 512)
+    assert not broken.any() and uvs.shape == (hexagons.size, 2) and 0 <= uvs.min() and uvs.max() <= 1
+    # Without the choice of fan start, the first triangle of every hexagon has no area.
+    tri_loops, _ = atlas.fan(np.full(len(hexagons), 6))
+    corners = vertices[hexagons.reshape(-1)][tri_loops]
+    assert np.allclose(np.cross(corners[::4, 1] - corners[::4, 0], corners[::4, 2] - corners[::4, 0]), 0, atol=1e-7)
+
+
+def test_instant_meshes_faces_are_cleaned_for_blender():
+    faces = np.array([[0, 1, 2, 3], [4, 5, 5, 6], [7, 7, 8, 9], [1, 2, 1, 3], [3, 2, 1, 0], [10, 11, 12, 10],
+                      [13, 13, 14, 14]])
+    assert quads_module.clean(faces).tolist() == [[0, 1, 2, 3], [4, 5, 6, -1], [7, 8, 9, -1], [11, 12, 10, -1]]

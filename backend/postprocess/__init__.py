@@ -90,7 +90,7 @@ def bake_polygons(vertices, corner_verts, loop_totals, uvs, colour_field, size: 
                              hint="Unwrap the object in Blender (UV › Unwrap or Smart UV Project), then Bake from "
                                   "Model again: the texture is baked on your UV map.")
     uvs = np.asarray(uvs, np.float32).reshape(len(corner_verts), 2)
-    tri_loops, _ = fan(loop_totals)
+    tri_loops, _ = fan(loop_totals, vertices[corner_verts])  # the triangles the atlas was made on
     texture = _bake(vertices, corner_verts[tri_loops], uvs[tri_loops], size, colour_field, stages)
     return uvs, texture, stats
 

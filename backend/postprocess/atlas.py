@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+MAX_FAN_SEARCH = 32  # polygons with more corners keep the fan from their first
 FILL = 0.55  # texel density: charts covering this share of the square come out about its size once packed
 PADDING_HEADROOM = 1.4  # the packed atlas is scaled to the square, at most by about this much
 PASSES = 3  # xatlas runs: the first, then with the polygons it cut set apart (unfolded flat), twice at most
@@ -28,15 +29,39 @@ def polygons(faces: np.ndarray):
     return faces[keep].astype(np.int64), keep.sum(axis=1).astype(np.int64)
 
 
-def fan(loop_totals: np.ndarray):
-    """Fan triangles of each polygon as loop indices (T, 3), and the polygon of each triangle (T,)."""
+def fan(loop_totals: np.ndarray, corner_points: np.ndarray = None):
+    """Fan triangles of each polygon as loop indices (T, 3), and the polygon of each triangle (T,).
+
+    With ``corner_points`` (L, 3), each polygon's fan starts at the corner that gives its thinnest triangle the
+    most area: a fan from a corner in line with its neighbours (an edge midpoint, as Blender's Subdivide leaves)
+    has triangles of no area, which the atlas cannot chart."""
     totals = np.asarray(loop_totals, np.int64)
     starts = np.cumsum(totals) - totals
     per = np.maximum(totals - 2, 0)
     poly = np.repeat(np.arange(len(totals)), per)
     i = np.arange(len(poly)) - np.repeat(np.cumsum(per) - per, per) + 1  # 1 .. k-2 within each polygon
-    s = starts[poly]
-    return np.stack([s, s + i, s + i + 1], axis=1), poly
+    k, s = totals[poly], starts[poly]
+    turn = np.zeros(len(totals), np.int64)
+    if corner_points is not None:
+        for size in np.unique(totals[(totals > 3) & (totals <= MAX_FAN_SEARCH)]):
+            turn[totals == size] = _best_start(corner_points, starts[totals == size], int(size))
+    r = turn[poly]
+    return np.stack([s + r % k, s + (r + i) % k, s + (r + i + 1) % k], axis=1), poly
+
+
+def _best_start(corner_points, starts, size: int) -> np.ndarray:
+    """For polygons of ``size`` corners beginning at loop ``starts``: the fan start whose smallest triangle is
+    largest."""
+    corners = corner_points[starts[:, None] + np.arange(size)]  # (P, size, 3)
+    best = np.full(len(starts), -1.0)
+    choice = np.zeros(len(starts), np.int64)
+    for r in range(size):
+        turned = np.roll(corners, -r, axis=1)
+        a = turned[:, :1]
+        areas = np.linalg.norm(np.cross(turned[:, 1:-1] - a, turned[:, 2:] - a), axis=2).min(axis=1)
+        better = areas > best * (1 + 1e-6)  # ties keep the first start, as without the search
+        best[better], choice[better] = areas[better], r
+    return choice
 
 
 def unwrap_faces(vertices: np.ndarray, faces: np.ndarray, size: int):
@@ -49,16 +74,18 @@ def unwrap_faces(vertices: np.ndarray, faces: np.ndarray, size: int):
     uvs[faces >= 0] = loop_uvs
     if not broken.any():
         return faces, uvs, alone, 0
-    tri_loops, tri_poly = fan(totals)
-    first = np.searchsorted(tri_poly, np.flatnonzero(broken))  # a broken quad's triangles: first, first + 1
+    tri_loops, tri_poly = fan(totals, np.asarray(vertices)[corner_verts])  # as unwrap() made them
     quads = np.flatnonzero(broken)
+    first = np.searchsorted(tri_poly, quads)  # a broken quad's two triangles: first, first + 1
     faces, uvs = faces.copy(), uvs.copy()
+    faces[quads] = -1
+    faces[quads, :3] = corner_verts[tri_loops[first]]
+    uvs[quads] = 0.0
+    uvs[quads, :3] = tri_uvs[first]
     extra = np.full((len(quads), faces.shape[1]), -1, np.int32)
-    extra[:, :3] = faces[quads][:, [0, 2, 3]]
+    extra[:, :3] = corner_verts[tri_loops[first + 1]]
     extra_uvs = np.zeros((len(quads), faces.shape[1], 2), np.float32)
     extra_uvs[:, :3] = tri_uvs[first + 1]
-    faces[quads, 3] = -1
-    uvs[quads, :3], uvs[quads, 3] = tri_uvs[first], 0.0
     return np.concatenate([faces, extra]), np.concatenate([uvs, extra_uvs]), alone, len(quads)
 
 
@@ -67,7 +94,7 @@ def unwrap(vertices: np.ndarray, corner_verts: np.ndarray, loop_totals: np.ndarr
     still cut, whose loops have no single UV each; the UVs per fan-triangle corner (T, 3, 2))."""
     vertices = np.ascontiguousarray(vertices, np.float32)
     corner_verts = np.asarray(corner_verts, np.int64)
-    tri_loops, tri_poly = fan(loop_totals)
+    tri_loops, tri_poly = fan(loop_totals, vertices[corner_verts])
     alone = np.zeros(len(loop_totals), bool)
     for _ in range(PASSES):
         # Polygons set apart get vertices of their own: xatlas then sees them as separate pieces of surface.

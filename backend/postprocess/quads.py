@@ -37,7 +37,7 @@ def quad_remesh(vertices: np.ndarray, faces: np.ndarray, target: int):
     limit = max(PRE_REDUCE_FACTOR * target, PRE_REDUCE_MIN)
     if len(faces) > limit:
         vertices, faces = reduce(vertices, faces, limit)
-    with _stdout_to_stderr():  # it prints its progress on fd 1, which is the CLI's --json channel
+    with _quiet_stdout():  # it prints its progress on fd 1, which is the CLI's --json channel
         try:
             v, f = pynanoinstantmeshes.remesh(np.ascontiguousarray(vertices, np.float32),
                                               np.ascontiguousarray(faces, np.uint32),
@@ -48,13 +48,26 @@ def quad_remesh(vertices: np.ndarray, faces: np.ndarray, target: int):
     v, f = np.asarray(v, np.float32), np.asarray(f, np.int64).astype(np.int32)
     if f.ndim != 2 or f.shape[1] != 4 or len(f) == 0:
         raise QuadsFailed("Instant Meshes returned no faces")
-    # A degenerate quad (a repeated corner) is a triangle: keep it as one, -1 padded.
-    tri = (f[:, 3] == f[:, 2]) | (f[:, 3] == f[:, 0])
-    f[tri, 3] = -1
-    f = f[~((f[:, 0] == f[:, 1]) | (f[:, 1] == f[:, 2]))]
-    v, f = drop_unused(v, f)
+    v, f = drop_unused(v, clean(f))
     check(f, faces_before)
     return v, f
+
+
+def clean(faces: np.ndarray) -> np.ndarray:
+    """Instant Meshes' quads (M, 4) as Blender accepts them: a quad with a corner repeated next to itself is the
+    triangle of its other three (-1 padded); one with a corner repeated across it, or with two repeats, is no
+    face; a face with the same corners as an earlier one is dropped."""
+    same_as_next = faces == np.roll(faces, -1, axis=1)  # corner i equals corner i + 1
+    ordered = np.sort(faces, axis=1)
+    distinct = 4 - (ordered[:, 1:] == ordered[:, :-1]).sum(axis=1)
+    quads = faces[distinct == 4]
+    tri_rows = (distinct == 3) & (same_as_next.sum(axis=1) == 1)
+    drop = np.roll(same_as_next[tri_rows], 1, axis=1)  # the second corner of the repeated pair goes
+    triangles = np.full((int(tri_rows.sum()), 4), -1, np.int32)
+    triangles[:, :3] = faces[tri_rows][~drop].reshape(-1, 3)
+    out = np.concatenate([quads, triangles])
+    _, first = np.unique(np.sort(out, axis=1), axis=0, return_index=True)
+    return out[np.sort(first)]
 
 
 def check(faces: np.ndarray, faces_before: int) -> None:
@@ -67,11 +80,13 @@ def check(faces: np.ndarray, faces_before: int) -> None:
 
 
 @contextlib.contextmanager
-def _stdout_to_stderr():
+def _quiet_stdout():
     sys.stdout.flush()
     saved = os.dup(1)
+    devnull = os.open(os.devnull, os.O_WRONLY)
     try:
-        os.dup2(2, 1)
+        os.dup2(devnull, 1)
+        os.close(devnull)
         yield
     finally:
         sys.stdout.flush()

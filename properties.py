@@ -5,6 +5,8 @@ chosen model's own values until the user sets one (``use_custom_*``): then that 
 None, which the backend reads as "the model's default". Source size 0 means the model's.
 Multi-view models (InstantMesh) have no source size (and the mesh variants no threshold); they take steps,
 guidance and seed.
+Output (faces, quads, texture) shapes what is made from the model's field; Bake from Model and
+Retopologize read it too.
 """
 
 import bpy
@@ -17,6 +19,15 @@ MODEL_ITEMS = tuple(catalog.model_items())
 DEFAULT_MODEL = "triposr"
 CUSTOMIZABLE = ("resolution", "threshold", "foreground_ratio")
 VIEW_SETTINGS = ("steps", "guidance", "seed")
+MIN_FACES, MAX_FACES = 100, 10_000_000  # the backend's bounds for a face budget (backend/pipeline.py)
+TEXTURE_ITEMS = (
+    ("NONE", "None", "Vertex colours only (the mesh's Color attribute)"),
+    ("512", "512", "A 512 × 512 texture: a quick draft"),
+    ("1024", "1024", "A 1024 × 1024 texture"),
+    ("2048", "2048", "A 2048 × 2048 texture"),
+    ("4096", "4096", "A 4096 × 4096 texture (slow to bake on a CPU)"),
+)
+DEFAULT_BAKE_SIZE = 1024  # Bake from Model when neither the panel nor the object names a size
 
 
 def customizable(model_id: str) -> tuple:
@@ -77,6 +88,23 @@ def source_size_problem(settings) -> str:
     return f"Not a multiple of the encoder's {patch}-pixel patches: use {lower} or {lower + patch}"
 
 
+def faces_problem(settings) -> str:
+    """Why the face count will be refused ('' when fine)."""
+    if 0 < settings.faces < MIN_FACES:
+        return f"Faces: 0 keeps the mesh as extracted; a budget is at least {MIN_FACES}"
+    return ""
+
+
+def output_options(settings) -> dict:
+    """Faces, quads and texture as the backend takes them: None where unset; quads only with a face budget."""
+    faces = int(settings.faces) or None
+    return {
+        "faces": faces,
+        "quads": bool(settings.quads) if faces else False,
+        "texture": None if settings.texture == "NONE" else int(settings.texture),
+    }
+
+
 class ImageTo3DSettings(bpy.types.PropertyGroup):
     image: PointerProperty(name="Image", type=bpy.types.Image, description="The reference image")
     model: EnumProperty(name="Model", items=MODEL_ITEMS, default=DEFAULT_MODEL, update=_model_changed,
@@ -122,6 +150,21 @@ class ImageTo3DSettings(bpy.types.PropertyGroup):
                                                 "transparency need this)")
     device: EnumProperty(name="Device", items=(("DEFAULT", "Preferences", "The device set in the preferences"),)
                          + DEVICE_ITEMS, default="DEFAULT")
+    # Output. Defaults for a first run: the mesh as the model extracted it, vertex colours, no texture. That
+    # is the quickest result and the one with the fewest steps that can fall back (on a CPU an unwrap and a
+    # bake add tens of seconds), and at the extracted density the vertex colours already carry the image's
+    # detail. A budget, quads or a texture are a deliberate next step, and Retopologize / Bake from Model
+    # apply them later to the same field without running the model again.
+    faces: IntProperty(name="Faces", default=0, min=0, max=MAX_FACES, soft_max=200_000, step=1000,
+                       description="Reduce the mesh to about this many faces (0: as extracted). Colours are "
+                                   "queried again from the model's field, not averaged from the dense mesh")
+    quads: BoolProperty(name="Quads", default=False,
+                        description="Remesh to mostly quads at the face count (falls back to triangles if the "
+                                    "quad remesher fails; the panel says so)")
+    texture: EnumProperty(name="Texture", items=TEXTURE_ITEMS, default="NONE",
+                          description="Unwrap the mesh and bake a colour texture from the model's field (without a "
+                                      "face budget the mesh is first reduced to about 50,000 faces, which an atlas "
+                                      "can take); also the size Bake from Model uses")
     smooth_shading: BoolProperty(name="Smooth Shading", default=True)
     target_height: FloatProperty(name="Height", description="Scale the result to this height (0: model units)",
                                  default=0.0, min=0.0, soft_max=10.0, unit="LENGTH")
@@ -130,6 +173,7 @@ class ImageTo3DSettings(bpy.types.PropertyGroup):
     last_error: StringProperty(name="Last Error")
     last_hint: StringProperty(name="Hint")
     last_info: StringProperty(name="Last Result")
+    last_notes: StringProperty(name="Notes", description="What post-processing did or fell back from, one a line")
 
 
 def register():

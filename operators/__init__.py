@@ -1,8 +1,8 @@
 """Operators, one per file; each module registers its own classes."""
 
-from . import backend_env, cancel, downloads, free_memory, generate, image
+from . import backend_env, bake, cancel, downloads, free_memory, generate, image, retopologize
 
-MODULES = (image, generate, cancel, free_memory, downloads, backend_env)
+MODULES = (image, generate, bake, retopologize, cancel, free_memory, downloads, backend_env)
 
 
 def register():

@@ -1,9 +1,11 @@
 """Generate 3D: send the image to the worker, follow the job from a timer, import the result.
 
 ``execute()`` starts the job and registers ``TIMERS[job_id]`` (a ``bpy.app.timers`` callback). Each tick
-polls the client (never blocks), copies the progress into the panel, and on completion imports the mesh
-on the main thread and pushes one undo step. In background mode (scripts, tests, ``make demo``) timers
-never fire, so ``execute()`` runs the same ticks itself until the object is in the scene.
+polls the client (never blocks), copies the progress into the panel, and on completion hands the result to
+the job's ``on_done`` on the main thread and pushes one undo step. In background mode (scripts, tests,
+``make demo``) timers never fire, so ``execute()`` runs the same ticks itself until the job is done.
+Bake from Model and Retopologize (their own files) start their jobs through :func:`begin_job` and share
+this timer, progress, cancel and error handling.
 """
 
 from __future__ import annotations
@@ -86,7 +88,7 @@ def model_folder(weights_dir: str, model: str) -> str | None:
 def job_options(settings, prefs) -> dict:
     """What the worker is sent: None where the model's own default applies, nothing the model cannot use
     (the backend refuses those)."""
-    device = settings.device if settings.device != "DEFAULT" else (prefs.device if prefs else "auto")
+    device = job_device(settings, prefs)
     options = {
         "model": settings.model,
         "weights": model_folder(prefs.weights_dir if prefs else "", settings.model),
@@ -102,7 +104,51 @@ def job_options(settings, prefs) -> dict:
         options.update(steps=int(settings.steps), guidance=round(float(settings.guidance), 4), seed=int(settings.seed))
     else:
         options["source_size"] = int(settings.source_size) or None
+    options.update(properties.output_options(settings))
     return options
+
+
+def job_device(settings, prefs) -> str:
+    return settings.device if settings.device != "DEFAULT" else (prefs.device if prefs else "auto")
+
+
+# What shapes a generation's field: sent again (as stored on the object) when it is re-baked or retopologized.
+FIELD_SETTINGS = ("model", "resolution", "threshold", "foreground_ratio", "remove_background", "source_size",
+                  "steps", "guidance", "seed")
+
+
+def stored_job_options(stored: dict, context) -> dict:
+    """A request's options from the settings stored on a generated object. Where the weights are and which
+    device runs them are this machine's, from the preferences and the panel now (a file made on a GPU machine
+    can be re-baked on a laptop); everything that shapes the field is the object's."""
+    settings, prefs = context.scene.image_to_3d, preferences.get(context)
+    options = {name: stored[name] for name in FIELD_SETTINGS if name in stored}
+    options["weights"] = model_folder(prefs.weights_dir if prefs else "", options.get("model", ""))
+    options["device"] = job_device(settings, prefs)
+    if stored.get("field_id"):
+        options["field_id"] = str(stored["field_id"])
+    return options
+
+
+def backend_problem(context) -> str:
+    """Why no job can start now ('' when one can): one at a time, and a backend to run it."""
+    if getattr(context.scene, "image_to_3d", None) is None:
+        return "No scene"
+    if session.is_busy():
+        return "A generation is already running"
+    python = preferences.backend_python(context)
+    if not python:
+        return "Set up the backend first: Install Backend or Use Existing Python, in the add-on preferences"
+    if not os.path.isfile(python):
+        return f"Backend Python not found: {python}"
+    return ""
+
+
+def licence_problem(model_id: str) -> str:
+    if catalog.licence_pending(model_id):
+        spec = catalog.spec(model_id)
+        return f"Accept the {spec.licence} licence of {spec.display_name} first (Accept Licence, in this panel)"
+    return ""
 
 
 def why_not(context) -> str:
@@ -114,15 +160,25 @@ def why_not(context) -> str:
         return "A generation is already running"
     if settings.image is None:
         return "Choose an image first"
-    if catalog.licence_pending(settings.model):
-        spec = catalog.spec(settings.model)
-        return f"Accept the {spec.licence} licence of {spec.display_name} first (Accept Licence, in this panel)"
-    python = preferences.backend_python(context)
-    if not python:
-        return "Set up the backend first: Install Backend or Use Existing Python, in the add-on preferences"
-    if not os.path.isfile(python):
-        return f"Backend Python not found: {python}"
-    return ""
+    return (licence_problem(settings.model) or properties.faces_problem(settings) or backend_problem(context))
+
+
+def generated_object_problem(context) -> str:
+    """Why the active object cannot be re-baked or retopologized ('' when it can): Image to 3D made it, its
+    field can be found again, and its source image is in this file (the field is recomputed from it when the
+    backend's cache no longer holds it)."""
+    obj = context.active_object
+    if obj is None:
+        return "Select an object made by Image to 3D"
+    stored = import_mesh.stored_settings(obj)
+    if stored is None or obj.type != "MESH":
+        return f"'{obj.name}' was not made by Image to 3D"
+    if not stored.get("field_id") or import_mesh.stored_placement(stored) is None:
+        return f"'{obj.name}' was made by an older Image to 3D: generate it again"
+    image_name = stored.get("image", "")
+    if not image_name or bpy.data.images.get(image_name) is None:
+        return f"Its source image '{image_name}' is not in this file"
+    return licence_problem(stored.get("model", "")) or backend_problem(context)
 
 
 class IMAGE_TO_3D_OT_generate(bpy.types.Operator):
@@ -145,52 +201,71 @@ class IMAGE_TO_3D_OT_generate(bpy.types.Operator):
 
     def execute(self, context):
         settings = context.scene.image_to_3d
-        prefs = preferences.get(context)
-        settings.last_error = settings.last_hint = settings.last_info = ""
-        options = job_options(settings, prefs)
-        staging = None
-        try:
-            worker = session.worker_for(preferences.backend_python(context), temp_root(),
-                                        env=environment.process_env(prefs))
-            os.makedirs(worker.temp_dir, exist_ok=True)
-            staging = tempfile.mkdtemp(prefix="input-", dir=worker.temp_dir)
-            image_path = image_file_for_worker(settings.image, staging)
-            job = worker.submit(image_path, options)
-        except (OSError, ValueError, RuntimeError) as exc:
-            if staging:
-                shutil.rmtree(staging, ignore_errors=True)
-            settings.last_error = str(exc)
-            settings.last_hint = "Check the image and the backend Python in the add-on preferences"
-            self.report({"ERROR"}, settings.last_error)
-            return {"CANCELLED"}
-
-        JOBS[job.id] = {
-            "scene": context.scene.name,
-            "view_layer": context.view_layer.name,
-            "staging": staging,
-            "started": time.monotonic(),
-            "settings": dict(options, **properties.effective(settings), image=settings.image.name,
-                             smooth_shading=bool(settings.smooth_shading), target_height=float(settings.target_height)),
+        options = job_options(settings, preferences.get(context))
+        image = settings.image
+        info = {
+            "on_done": import_result,
+            "undo": "Generate 3D",
+            # The values sent, the model's defaults where None was sent (the result's own report of what it
+            # used replaces these, see result_settings).
+            "settings": dict(properties.effective(settings), **{k: v for k, v in options.items() if v is not None},
+                             image=image.name, smooth_shading=bool(settings.smooth_shading),
+                             target_height=float(settings.target_height)),
         }
-        TIMERS[job.id] = functools.partial(tick, job.id)
-        # persistent: the job is still followed (and its worker cleaned up) if another file is opened meanwhile
-        bpy.app.timers.register(TIMERS[job.id], first_interval=TICK_S, persistent=True)
+        return begin_job(self, context, lambda worker, staging: worker.submit(
+            image_file_for_worker(image, staging), options), info)
 
-        if bpy.app.background and not self.run_async:
-            # Timers never fire here: run the same ticks until the job is done.
-            timer = TIMERS[job.id]
-            while timer() is not None:
-                time.sleep(0.02)
-            if bpy.app.timers.is_registered(timer):
-                bpy.app.timers.unregister(timer)
-            if settings.last_error:
-                self.report({"ERROR"}, f"{settings.last_error} ({settings.last_hint})" if settings.last_hint
+
+def begin_job(operator, context, submit, info: dict) -> set:
+    """Start a job and follow it from a timer (or, in background mode, to its end unless ``run_async``).
+
+    ``submit(worker, staging_dir)`` sends the request and returns the Job. ``info`` holds names and plain
+    values only (never bpy structs, which undo and file loads invalidate), ``on_done(scene, info, job)``,
+    which turns the result into Blender data and returns the line the panel shows, ``undo``, the name of
+    the undo step it makes, and optionally ``failure``: (what failed, hint) when ``on_done`` raises."""
+    settings = context.scene.image_to_3d
+    prefs = preferences.get(context)
+    settings.last_error = settings.last_hint = settings.last_info = settings.last_notes = ""
+    staging = None
+    try:
+        worker = session.worker_for(preferences.backend_python(context), temp_root(),
+                                    env=environment.process_env(prefs))
+        os.makedirs(worker.temp_dir, exist_ok=True)
+        staging = tempfile.mkdtemp(prefix="input-", dir=worker.temp_dir)
+        job = submit(worker, staging)
+    except (OSError, ValueError, RuntimeError) as exc:
+        if staging:
+            shutil.rmtree(staging, ignore_errors=True)
+        settings.last_error = str(exc)
+        settings.last_hint = "Check the image and the backend Python in the add-on preferences"
+        operator.report({"ERROR"}, settings.last_error)
+        return {"CANCELLED"}
+
+    JOBS[job.id] = dict(info, scene=context.scene.name, view_layer=context.view_layer.name, staging=staging,
+                        started=time.monotonic())
+    TIMERS[job.id] = functools.partial(tick, job.id)
+    # persistent: the job is still followed (and its worker cleaned up) if another file is opened meanwhile
+    bpy.app.timers.register(TIMERS[job.id], first_interval=TICK_S, persistent=True)
+
+    if bpy.app.background and not getattr(operator, "run_async", False):
+        # Timers never fire here: run the same ticks until the job is done.
+        timer = TIMERS[job.id]
+        while timer() is not None:
+            time.sleep(0.02)
+        if bpy.app.timers.is_registered(timer):
+            bpy.app.timers.unregister(timer)
+        if settings.last_error:
+            operator.report({"ERROR"}, f"{settings.last_error} ({settings.last_hint})" if settings.last_hint
                             else settings.last_error)
-                return {"CANCELLED"}
-            if job.state != DONE:
-                return {"CANCELLED"}
-            self.report({"INFO"}, settings.last_info)
-        return {"FINISHED"}
+            return {"CANCELLED"}
+        if job.state != DONE:
+            return {"CANCELLED"}
+        operator.report({"INFO"}, settings.last_info)
+    return {"FINISHED"}
+
+
+def seconds_since(info) -> str:
+    return f"{time.monotonic() - info['started']:.1f} s"
 
 
 def tick(job_id: str):
@@ -211,13 +286,9 @@ def tick(job_id: str):
         if settings is None:
             pass  # the scene was deleted meanwhile: nothing to import into
         elif job.state == DONE:
-            obj = import_result(scene, info, job)
-            views = obj[import_mesh.SETTINGS_KEY].get("views_image")
-            settings.last_info = (f"{obj.name}: {job.stats.get('vertices')} vertices, {job.stats.get('faces')} faces"
-                                  f" in {time.monotonic() - info['started']:.1f} s"
-                                  f" (model {'reused' if job.stats.get('model_cache') == 'hit' else 'loaded'})"
-                                  + (f"; views in image '{views}'" if views else ""))
-            bpy.ops.ed.undo_push(message="Generate 3D")
+            settings.last_info = info["on_done"](scene, info, job)
+            settings.last_notes = "\n".join(str(note) for note in job.stats.get("notes") or ())
+            bpy.ops.ed.undo_push(message=info["undo"])
         elif job.state == CANCELLED:
             settings.last_info = "Cancelled"
             session.stop()  # a cancelled job leaves no worker behind (and frees its memory)
@@ -230,8 +301,9 @@ def tick(job_id: str):
     except Exception as exc:  # noqa: BLE001 - an import failure must reach the panel, not the console only
         if settings is None:
             raise
-        settings.last_error = f"Import failed: {exc}"
-        settings.last_hint = "The generated file could not be turned into a mesh"
+        what, hint = info.get("failure", ("Import failed", "The generated file could not be turned into a mesh"))
+        settings.last_error = f"{what}: {exc}"
+        settings.last_hint = hint
     finally:
         job.cleanup()
         finish(job_id)
@@ -239,43 +311,88 @@ def tick(job_id: str):
     return None
 
 
-def import_result(scene, info, job):
+def import_result(scene, info, job) -> str:
     """The object (and, from a multi-view model, its views image), added whole or not at all."""
     settings = info["settings"]
     stem = os.path.splitext(settings["image"] or "Generated")[0]
     views = import_mesh.keep_views(job.views_path, f"{stem} views") if job.views_path else None
     try:
-        return add_result_object(scene, info, job, stem, views)
+        obj = add_result_object(scene, info, job, stem, views)
     except Exception:
-        if views is not None:
-            bpy.data.images.remove(views)
+        import_mesh.discard(views)
         raise
+    return (f"{obj.name}: {job.stats.get('vertices')} vertices, {job.stats.get('faces')} faces"
+            f" in {seconds_since(info)}"
+            f" (model {'reused' if job.stats.get('model_cache') == 'hit' else 'loaded'})"
+            + (f"; views in image '{views.name}'" if views is not None else ""))
+
+
+def result_settings(settings: dict, job, place, image=None) -> dict:
+    """What is stored on the object: the settings used (None dropped: ID properties cannot hold it), the
+    texture size it has (what came back, which Bake from Model reuses), the key of the field the backend
+    cached, and the placement that maps its frame to the object's."""
+    stored = {k: v for k, v in settings.items() if v is not None and k != "texture"}
+    # What the backend says it used is the truth (a model folder's own config can differ from the catalog's
+    # defaults): sent again, these give the same field when the cache has lost it.
+    stored.update({k: job.stats[k] for k in FIELD_SETTINGS if job.stats.get(k) is not None})
+    if image is not None:
+        stored["texture"] = int(image.size[0])
+    if job.stats.get("field_id"):
+        stored["field_id"] = str(job.stats["field_id"])
+    scale, offset = place
+    stored["placement_scale"] = float(scale)
+    stored["placement_offset"] = [float(x) for x in offset]
+    return stored
+
+
+def result_mesh(name: str, job, settings: dict, place=None):
+    """The worker's result as a mesh (and its texture image, when textured), nothing left over on failure."""
+    result = import_mesh.load_npz(job.result_path)
+    mesh, place = import_mesh.build_mesh(name, result["vertices"], result["faces"], result["colors"],
+                                         target_height=settings.get("target_height", 0.0),
+                                         smooth=settings.get("smooth_shading", True), uvs=result["uvs"],
+                                         place=place)
+    image = None
+    if result["texture"] is not None:
+        try:
+            image = import_mesh.texture_image(name, result["texture"])
+        except Exception:
+            import_mesh.discard(mesh)
+            raise
+    return mesh, image, place
 
 
 def add_result_object(scene, info, job, stem, views):
-    vertices, faces, colors = import_mesh.load_npz(job.result_path)
     settings = info["settings"]
-    mesh = import_mesh.build_mesh(settings["image"] or "Generated", vertices, faces, colors,
-                                  target_height=settings["target_height"], smooth=settings["smooth_shading"])
+    mesh, image, place = result_mesh(settings["image"] or "Generated", job, settings)
     view_layer = scene.view_layers.get(info["view_layer"]) or scene.view_layers[0]
     collection = scene.collection
     context = bpy.context
     if context.scene == scene and context.view_layer == view_layer:
         collection = context.view_layer.active_layer_collection.collection
-        if context.object is not None and context.object.mode != "OBJECT":
-            try:
-                bpy.ops.object.mode_set(mode="OBJECT")
-            except RuntimeError:
-                pass
-    name = f"{stem} 3D"
-    stored = {k: v for k, v in settings.items() if v is not None}
+        if context.object is not None:
+            to_object_mode(context.object)
+    stored = result_settings(settings, job, place, image)
     if views is not None:
         stored["views_image"] = views.name
     try:
-        return import_mesh.add_object(scene, view_layer, collection, name, mesh, stored)
+        return import_mesh.add_object(scene, view_layer, collection, f"{stem} 3D", mesh, stored, image)
     except Exception:
-        bpy.data.meshes.remove(mesh)
+        import_mesh.discard(image, mesh)
         raise
+
+
+def to_object_mode(obj) -> bool:
+    """Put ``obj`` in Object Mode (from Edit, Sculpt, Paint…), so that new data goes in: edit-mode data would
+    overwrite it on leaving. Returns whether it is in Object Mode now."""
+    if obj.mode == "OBJECT":
+        return True
+    try:
+        with bpy.context.temp_override(active_object=obj, object=obj):
+            bpy.ops.object.mode_set(mode="OBJECT")
+    except (RuntimeError, TypeError):
+        pass
+    return obj.mode == "OBJECT"
 
 
 def finish(job_id: str, unregister_timer: bool = False) -> None:

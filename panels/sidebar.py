@@ -2,16 +2,22 @@
 
 import bpy
 
-from .. import catalog, environment, preferences, properties, session
+from .. import catalog, environment, import_mesh, preferences, properties, session
+from ..backend import stages
+from ..operators import bake
 
 STAGE_LABELS = {
-    "removing_background": "Removing background",
-    "loading_model": "Loading model",
-    "generating_views": "Generating views",
-    "encoding": "Encoding image",
-    "building_triplanes": "Building triplanes",
-    "extracting_surface": "Extracting surface",
-    "colouring": "Colouring",
+    stages.BACKGROUND: "Removing background",
+    stages.LOAD: "Loading model",
+    stages.VIEWS: "Generating views",
+    stages.ENCODE: "Encoding image",
+    stages.TRIPLANE: "Building triplanes",
+    stages.FIELD: "Recomputing the field",
+    stages.SURFACE: "Extracting surface",
+    stages.COLOR: "Colouring",
+    stages.REDUCE: "Reducing",
+    stages.UNWRAP: "Unwrapping",
+    stages.BAKE: "Baking texture",
 }
 
 
@@ -52,6 +58,8 @@ def draw_outcome(layout, settings, context):
         wrapped(box, settings.last_hint, icon="BLANK1")
     elif settings.last_info:
         layout.label(text=settings.last_info, icon="INFO")
+    for note in settings.last_notes.splitlines():  # what post-processing did or fell back from
+        wrapped(layout, note, icon="INFO")
     if not preferences.backend_python(context):
         box = layout.box()
         box.label(text="No backend Python set", icon="ERROR")
@@ -93,6 +101,36 @@ def draw_value(layout, settings, name: str):
     sub.prop(settings, name)
     row.prop(settings, f"use_custom_{name}", text="", icon="DECORATE_OVERRIDE" if getattr(
         settings, f"use_custom_{name}") else "DECORATE_LINKED")
+
+
+def draw_output(layout, settings):
+    """What is made from the field: a face budget (quads only with one) and a texture."""
+    col = layout.column(align=True)
+    col.label(text="Output", icon="MESH_DATA")
+    col.prop(settings, "faces")
+    row = col.row(align=True)
+    row.enabled = settings.faces > 0
+    row.prop(settings, "quads")
+    col.prop(settings, "texture")
+    problem = properties.faces_problem(settings)
+    if problem:
+        box = layout.box()
+        box.alert = True
+        wrapped(box, problem, icon="ERROR")
+
+
+def draw_generated_object(layout, settings, context):
+    """Bake from Model and Retopologize, for the active object when Image to 3D made it."""
+    obj = context.active_object
+    stored = import_mesh.stored_settings(obj)
+    if stored is None:
+        return
+    box = layout.box()
+    box.label(text=obj.name, icon="OBJECT_DATA")
+    col = box.column(align=True)
+    col.operator("image_to_3d.bake_from_model", icon="TEXTURE",
+                 text=f"Bake from Model ({bake.bake_size(settings, stored)} px)")
+    col.operator("image_to_3d.retopologize", icon="MOD_REMESH")
 
 
 def runs_on_cpu(settings, context) -> bool:
@@ -139,16 +177,20 @@ class IMAGE_TO_3D_PT_sidebar(bpy.types.Panel):
             draw_value(col, settings, name)
         col.prop(settings, "remove_background")
         col.prop(settings, "device")
+        draw_output(layout, settings)
         col = layout.column(align=True)
         col.prop(settings, "smooth_shading")
         col.prop(settings, "target_height")
 
         job = session.current_job()
-        if job is not None and not job.finished:
+        busy = job is not None and not job.finished
+        if busy:  # whichever job runs: Generate 3D, Bake from Model or Retopologize
             draw_progress(layout, job)
         else:
             layout.operator("image_to_3d.generate", icon="MESH_MONKEY")
         draw_outcome(layout, settings, context)
+        if not busy:
+            draw_generated_object(layout, settings, context)
         layout.operator("image_to_3d.free_memory", icon="TRASH")
 
 

@@ -1,7 +1,8 @@
 """``make demo``: Generate 3D in headless Blender (bpy as a module) on an example image.
 
 Writes OUT/demo.blend, OUT/demo.glb (Blender's glTF exporter, vertex colours included) and OUT/demo.png
-(a Workbench render with vertex colours, the camera framed on the object).
+(a Workbench render with vertex colours, the camera framed on the object). ``--faces N --texture SIZE``
+(the panel's Output) reduce the mesh and bake a texture from the model; the render then shows the texture.
 
 Weights: IMAGE_TO_3D_WEIGHTS=DIR (a model folder in the official layout, e.g. the tiny test model
 tests/data/triposr_tiny), else the official TripoSR files where the backend looks for them (the model store,
@@ -93,7 +94,7 @@ def frame_camera(bpy, obj, size=512):
     scene.render.resolution_percentage = 100
 
 
-def render_preview(bpy, path: Path):
+def render_preview(bpy, path: Path, textured: bool = False):
     scene = bpy.context.scene
     try:
         scene.render.engine = "BLENDER_WORKBENCH"
@@ -102,7 +103,7 @@ def render_preview(bpy, path: Path):
         scene.cycles.device, scene.cycles.samples = "CPU", 16
     shading = scene.display.shading
     shading.light = "STUDIO"
-    shading.color_type = "VERTEX"  # the generated colours
+    shading.color_type = "TEXTURE" if textured else "VERTEX"  # the generated colours
     shading.show_cavity = False
     scene.display.render_aa = "8"
     scene.render.film_transparent = False
@@ -119,6 +120,9 @@ def main() -> int:
     parser.add_argument("--image", default=str(ROOT / "examples" / "chair.png"))
     parser.add_argument("--out", default=str(ROOT / "out"))
     parser.add_argument("--resolution", type=int, default=256)
+    parser.add_argument("--faces", type=int, default=0, help="face budget (0: as extracted)")
+    parser.add_argument("--quads", action="store_true")
+    parser.add_argument("--texture", choices=("NONE", "512", "1024", "2048", "4096"), default="NONE")
     parser.add_argument("--backend-python", default=str(ROOT / ".venv" / "bin" / "python"))
     args = parser.parse_args()
 
@@ -143,6 +147,7 @@ def main() -> int:
         settings.image = bpy.data.images.load(str(Path(args.image).resolve()))
         settings.resolution = args.resolution
         settings.target_height = 1.0
+        settings.faces, settings.quads, settings.texture = args.faces, args.quads, args.texture
         print(f"demo: Generate 3D on {args.image} with {weights} at resolution {args.resolution}", flush=True)
         started = time.monotonic()
         try:
@@ -155,7 +160,7 @@ def main() -> int:
         print(f"demo: {settings.last_info} ({time.monotonic() - started:.1f} s)", flush=True)
 
         frame_camera(bpy, obj)
-        render_preview(bpy, out / "demo.png")
+        render_preview(bpy, out / "demo.png", textured=args.texture != "NONE")
         bpy.ops.export_scene.gltf(filepath=str(out / "demo.glb"), export_format="GLB", use_selection=True)
         bpy.context.preferences.filepaths.save_version = 0  # no demo.blend1 backups
         bpy.ops.wm.save_as_mainfile(filepath=str(out / "demo.blend"))

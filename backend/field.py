@@ -79,8 +79,11 @@ class FieldCache:
             raise ValueError(f"not a field id: {field_id!r}")
         return self.folder / f"{field_id}.safetensors"
 
-    def save(self, field_id: str, planes, key: str) -> None:
-        """Keep ``planes`` under ``field_id``; ``key`` says which model made them (checked on load)."""
+    def save(self, field_id: str, planes, key: str, used: Optional[dict] = None) -> None:
+        """Keep ``planes`` under ``field_id``; ``key`` says which model made them (checked on load), ``used``
+        what was used to make them (e.g. the source size), handed back by :meth:`load`."""
+        import json
+
         from safetensors.torch import save_file
 
         path = self.path(field_id)
@@ -88,7 +91,8 @@ class FieldCache:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=self.folder)
         os.close(fd)
         try:
-            save_file({"planes": planes.detach().float().cpu().contiguous()}, tmp, metadata={"key": key})
+            save_file({"planes": planes.detach().float().cpu().contiguous()}, tmp,
+                      metadata={"key": key, "used": json.dumps(used or {})})
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
@@ -96,19 +100,23 @@ class FieldCache:
         self._prune(keep=path)
 
     def load(self, field_id: str, key: str):
-        """The planes, or None when they are gone, unreadable or were made by another model."""
+        """(planes, what was used), or None when they are gone, unreadable or were made by another model."""
+        import json
+
         from safetensors import safe_open
 
         path = self.path(field_id)
         try:
             with safe_open(str(path), framework="pt") as f:
-                if (f.metadata() or {}).get("key") != key:
+                metadata = f.metadata() or {}
+                if metadata.get("key") != key:
                     return None
                 planes = f.get_tensor("planes")
+            used = json.loads(metadata.get("used") or "{}")
         except Exception:  # noqa: BLE001 - missing or damaged: the caller recomputes
             return None
         os.utime(path)  # recently used: pruned last
-        return planes
+        return planes, used
 
     def _prune(self, keep: Path) -> None:
         files = sorted(self.folder.glob("*.safetensors"), key=lambda p: p.stat().st_mtime, reverse=True)

@@ -27,6 +27,7 @@ DEFAULT_STEPS, DEFAULT_GUIDANCE, DEFAULT_SEED = 75, 4.0, 42  # InstantMesh's run
 VIEWS_SIZE = (640, 960)  # width, height of the six-view grid
 MIN_FACES, MAX_FACES = 100, 10_000_000
 MIN_TEXTURE, MAX_TEXTURE = 512, 4096
+DEFAULT_BAKE_SIZE = 2048  # Bake from Model without a texture size
 FIELD_ID = re.compile(r"^[0-9a-f]{32}$")  # a cached field's name (never a path)
 
 
@@ -210,9 +211,6 @@ def bake(image_path, options: Options, vertices, corner_verts, loop_totals, uvs=
         raise _as_out_of_memory(e, stages) from e
 
 
-DEFAULT_BAKE_SIZE = 2048
-
-
 def _begin(image_path, options: Options, progress, cancelled) -> "_Stages":
     options.validate()
     if image_path is not None and options.views is not None:
@@ -256,11 +254,13 @@ def _field(image_path: Optional[Path], options: Options, stages: _Stages, model_
     key = f"{spec.id}:{options.weights or ''}"  # planes decode only with the weights that made them
 
     if options.field_id and field_cache is not None:
-        planes = field_cache.load(options.field_id, key)
-        if planes is not None:
+        cached = field_cache.load(options.field_id, key)
+        if cached is not None:
+            planes, used = cached
             stages.begin(stage.LOAD, f"loading {spec.display_name}")
             model = registry.load(spec, options.weights, device, cache=model_cache, views_only=spec.multiview)
-            return spec, model, planes.to(model.device), {"field_id": options.field_id, "field": "cached"}, options
+            used.update(field_id=options.field_id, field="cached")
+            return spec, model, planes.to(model.device), used, options
         stages.begin(stage.FIELD, "the cached field is gone: recomputing it from the image")
         if image_path is None and options.views is None:
             raise InputError("this generation's field is no longer cached and no source image was given",
@@ -273,8 +273,9 @@ def _field(image_path: Optional[Path], options: Options, stages: _Stages, model_
     else:
         model, planes, used, options = _field_from_image(image_path, spec, options, device, stages, model_cache)
     if field_cache is not None:
-        used.update(field_id=options.field_id or field_cache.new_id(), field="recomputed" if options.field_id else "new")
-        field_cache.save(used["field_id"], planes, key)
+        field_id = options.field_id or field_cache.new_id()
+        field_cache.save(field_id, planes, key, used)
+        used.update(field_id=field_id, field="recomputed" if options.field_id else "new")
     return spec, model, planes, used, options
 
 

@@ -41,7 +41,7 @@ def full():
 def colour_field(field_id, cache):
     spec = registry.get("triposr")
     model = registry.load(spec, str(TINY), torch.device("cpu"))
-    return model.colour_field(cache.load(field_id, f"triposr:{TINY}"))
+    return model.colour_field(cache.load(field_id, f"triposr:{TINY}")[0])
 
 
 def surface_points(vertices, tris, tri_uvs, n, seed=0):
@@ -280,6 +280,7 @@ def test_bake_from_model_on_an_edited_mesh_and_after_the_cache_is_gone(worker, t
 
     (texture, uvs), seen, stats = bake()
     assert stats["uvs"] == "made" and stats["field"] == "cached" and stages.FIELD not in seen
+    assert stats["source_size"] == 64  # what made the field travels with it
     assert uvs.shape == (faces.size, 2) and {stages.UNWRAP, stages.BAKE} <= seen
     # Compare with the field at the edited surface (reference: the same tiny model, its field recomputed here).
     spec = registry.get("triposr")

@@ -158,3 +158,20 @@ def test_a_second_variant_reuses_the_files_the_first_downloaded(tmp_path):
     assert "diffusion_pytorch_model.bin" in [f.path for f in registry.missing_files(registry.get("instantnerf-large"),
                                                                                     store)]
 
+
+
+def test_post_processing_reads_the_nerf_field(tmp_path, tiny_nerf):
+    """--faces and --texture on the NeRF variant: the reduced mesh's colours are the field's at its vertices."""
+    level, _, ref_faces, _ = reference(tiny_nerf, RES)
+    out = tmp_path / "out.npz"
+    r = run_backend("generate", "--views", GRID, "-o", out, "--model", "instantnerf-large", "--weights", tiny_nerf,
+                    "--resolution", RES, "--threshold", repr(level), "--faces", "600", "--texture", "512",
+                    "--accept-licence", env={"IMAGE_TO_3D_CONFIG_DIR": str(tmp_path / "config")})
+    assert r.returncode == 0, r.stderr
+    mesh = meshio.load_npz(out)
+    assert abs(len(mesh.faces) - 600) <= 30 < len(ref_faces) and mesh.texture.shape == (512, 512, 3)
+    model = im.load(tiny_nerf / "tiny_config.yaml", torch.device("cpu"))
+    with torch.no_grad():
+        planes = model.triplanes(model.encode(im.views_from_grid(GRID), im.input_cameras()))
+    expected = model.colour_field(planes)(mesh.vertices)
+    assert np.abs(expected - mesh.colors).max() <= 1 / 255 + 1e-6

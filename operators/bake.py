@@ -14,7 +14,6 @@ import os
 
 import bpy
 import numpy as np
-from bpy.props import BoolProperty
 
 from .. import import_mesh, properties
 from ..core import mesh_arrays
@@ -59,25 +58,14 @@ def write_mesh_file(obj, stored: dict, uv_map, folder: str) -> str:
     return path
 
 
-class IMAGE_TO_3D_OT_bake_from_model(bpy.types.Operator):
+class IMAGE_TO_3D_OT_bake_from_model(generate.JobOperator, bpy.types.Operator):
     """Bake a colour texture onto the active object's current mesh from the model that made it (no vertex \
 colours involved). Its active UV map is used; a mesh without one gets new UVs. The texture size is the \
 Output's Texture"""
 
     bl_idname = "image_to_3d.bake_from_model"
     bl_label = "Bake from Model"
-    bl_options = {"REGISTER"}  # the undo step is pushed when the texture arrives
-
-    run_async: BoolProperty(
-        name="Return at Once", default=False, options={"HIDDEN", "SKIP_SAVE"},
-        description="In background mode, return while the job runs (the caller drives the timer)")
-
-    @classmethod
-    def poll(cls, context):
-        reason = why_not(context)
-        if reason:
-            cls.poll_message_set(reason)
-        return not reason
+    reason = staticmethod(why_not)
 
     def execute(self, context):
         obj = context.active_object

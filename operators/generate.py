@@ -181,12 +181,11 @@ def generated_object_problem(context) -> str:
     return licence_problem(stored.get("model", "")) or backend_problem(context)
 
 
-class IMAGE_TO_3D_OT_generate(bpy.types.Operator):
-    """Reconstruct a coloured mesh from the image with the chosen model, in a background process"""
+class JobOperator:
+    """What Generate 3D, Bake from Model and Retopologize share: the undo step comes with the result (not now),
+    a switch for background mode, and a poll that says why it cannot run (``reason(context)``, '' when it can)."""
 
-    bl_idname = "image_to_3d.generate"
-    bl_label = "Generate 3D"
-    bl_options = {"REGISTER"}  # the undo step is pushed when the object is imported, not now
+    bl_options = {"REGISTER"}
 
     run_async: BoolProperty(
         name="Return at Once", default=False, options={"HIDDEN", "SKIP_SAVE"},
@@ -194,10 +193,18 @@ class IMAGE_TO_3D_OT_generate(bpy.types.Operator):
 
     @classmethod
     def poll(cls, context):
-        reason = why_not(context)
+        reason = cls.reason(context)
         if reason:
             cls.poll_message_set(reason)
         return not reason
+
+
+class IMAGE_TO_3D_OT_generate(JobOperator, bpy.types.Operator):
+    """Reconstruct a coloured mesh from the image with the chosen model, in a background process"""
+
+    bl_idname = "image_to_3d.generate"
+    bl_label = "Generate 3D"
+    reason = staticmethod(why_not)
 
     def execute(self, context):
         settings = context.scene.image_to_3d

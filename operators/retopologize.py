@@ -9,7 +9,6 @@ object takes the old one's place; the old one is kept, hidden, so nothing the ar
 from __future__ import annotations
 
 import bpy
-from bpy.props import BoolProperty
 
 from .. import import_mesh, properties
 from . import generate
@@ -30,25 +29,14 @@ def why_not(context) -> str:
     return ""
 
 
-class IMAGE_TO_3D_OT_retopologize(bpy.types.Operator):
+class IMAGE_TO_3D_OT_retopologize(generate.JobOperator, bpy.types.Operator):
     """Make the active object again from its model's field with the Output settings (Faces, Quads, Texture), \
 without running the model again. The new object takes its place, name, transform and collections; the old \
 one is kept, hidden in viewport and render, as "<name> (original)". One undo restores it"""
 
     bl_idname = "image_to_3d.retopologize"
     bl_label = "Retopologize"
-    bl_options = {"REGISTER"}  # the undo step is pushed when the new object arrives
-
-    run_async: BoolProperty(
-        name="Return at Once", default=False, options={"HIDDEN", "SKIP_SAVE"},
-        description="In background mode, return while the job runs (the caller drives the timer)")
-
-    @classmethod
-    def poll(cls, context):
-        reason = why_not(context)
-        if reason:
-            cls.poll_message_set(reason)
-        return not reason
+    reason = staticmethod(why_not)
 
     def execute(self, context):
         obj = context.active_object

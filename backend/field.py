@@ -54,6 +54,18 @@ class ColourField:
         return self._finish(out) if self._finish else out
 
 
+class SingleImageModel:
+    """What the single-image models (TripoSR, OpenLRM) share: ``make_planes`` (image -> field) and ``mesh_from``
+    (field -> surface) make :meth:`reconstruct`."""
+
+    def reconstruct(self, conditioning, options, stages):
+        """The image's mesh, as extracted (the pipeline adds the post-processing)."""
+        planes, used = self.make_planes(conditioning, options, stages)
+        mesh = self.mesh_from(planes, options, stages)
+        mesh.stats.update(used)
+        return mesh
+
+
 def default_cache_folder() -> Path:
     """$IMAGE_TO_3D_FIELDS (Blender sets it to the extension's user folder), else beside the model store, else
     the per-user cache."""

@@ -20,7 +20,7 @@ from torch import nn
 
 from .. import surface
 from ..errors import WeightsError
-from ..field import ColourField
+from ..field import ColourField, SingleImageModel
 from ..stages import ENCODE, TRIPLANE
 from ..mesh import Mesh, truncate_to_bytes
 from .checkpoint import assign_weights, load_safetensors_file, named
@@ -113,7 +113,7 @@ def source_camera(distance: float = SOURCE_CAMERA_DISTANCE) -> torch.Tensor:
     return torch.tensor([sum(pose, []) + [FOCAL, FOCAL, PRINCIPAL_POINT, PRINCIPAL_POINT]], dtype=torch.float32)
 
 
-class OpenLRM(nn.Module):
+class OpenLRM(SingleImageModel, nn.Module):
     def __init__(self, cfg: OpenLRMConfig, default_source_size: Optional[int] = None):
         super().__init__()
         self.cfg = cfg
@@ -178,13 +178,6 @@ class OpenLRM(nn.Module):
         stages.begin(TRIPLANE, "building triplanes")
         camera = self.embed_camera(source_camera())
         return self.upsample(self.transform(features, camera, stages.check))[0], {"source_size": size}
-
-    def reconstruct(self, conditioning: np.ndarray, options, stages) -> Mesh:
-        """The image's mesh, as extracted (the pipeline adds the post-processing)."""
-        planes, used = self.make_planes(conditioning, options, stages)
-        mesh = self.mesh_from(planes, options, stages)
-        mesh.stats.update(used)
-        return mesh
 
     def mesh_from(self, planes: torch.Tensor, options, stages) -> Mesh:
         vertices, faces, colors = surface.colored_surface(self.field(planes), int(options.resolution),

@@ -19,7 +19,7 @@ from torch import nn
 
 from .. import surface
 from ..errors import WeightsError
-from ..field import ColourField
+from ..field import ColourField, SingleImageModel
 from ..stages import ENCODE, TRIPLANE
 from ..mesh import Mesh
 from .checkpoint import assign_weights, load_torch_file
@@ -143,7 +143,7 @@ class _Upsampler(nn.Module):
         self.upsample = nn.ConvTranspose2d(in_channels, out_channels, kernel_size=2, stride=2)
 
 
-class TripoSR(nn.Module):
+class TripoSR(SingleImageModel, nn.Module):
     def __init__(self, cfg: TripoSRConfig):
         super().__init__()
         self.cfg = cfg
@@ -192,13 +192,6 @@ class TripoSR(nn.Module):
         tokens = self.encode(rgb, stages.check)
         stages.begin(TRIPLANE, "building triplanes")
         return self.triplanes(tokens, stages.check)[0], {"source_size": size}
-
-    def reconstruct(self, conditioning: np.ndarray, options, stages) -> Mesh:
-        """The image's mesh, as extracted (the pipeline adds the post-processing)."""
-        planes, used = self.make_planes(conditioning, options, stages)
-        mesh = self.mesh_from(planes, options, stages)
-        mesh.stats.update(used)
-        return mesh
 
     def mesh_from(self, planes: torch.Tensor, options, stages) -> Mesh:
         vertices, faces, colors = surface.colored_surface(self.field(planes), int(options.resolution),

@@ -16,13 +16,33 @@ REQUIREMENTS = Path(__file__).with_name("requirements.txt")
 
 
 def required_packages() -> list[str]:
-    """Distribution names in requirements.txt (torch is checked on its own)."""
+    """Distribution names in requirements.txt that this machine needs (torch is checked on its own): a
+    requirement whose environment marker excludes this platform (e.g. a package without a wheel here) is not."""
     names = []
     for line in REQUIREMENTS.read_text(encoding="utf-8").splitlines():
         line = line.split("#", 1)[0].strip()
-        if line:
+        if line and applies_here(line.partition(";")[2].strip()):
             names.append(re.split(r"[<>=!~\[; ]", line, maxsplit=1)[0])
     return names
+
+
+def applies_here(marker: str) -> bool:
+    """Whether a requirement's environment marker holds on this machine ('' always does). ``packaging`` reads
+    it (pip's own copy where it is not installed: check runs in a bare Python); without either, or for a
+    marker it cannot read, the package counts as needed."""
+    if not marker:
+        return True
+    try:
+        from packaging.markers import InvalidMarker, Marker
+    except ImportError:
+        try:
+            from pip._vendor.packaging.markers import InvalidMarker, Marker
+        except ImportError:
+            return True
+    try:
+        return Marker(marker).evaluate()
+    except InvalidMarker:
+        return True
 
 
 def _version(name: str):

@@ -17,7 +17,7 @@ from backend import mesh as meshio
 
 ROOT = Path(__file__).resolve().parent.parent
 VALIDATE = Path(__file__).with_name("gltf_validate.mjs")
-BLENDERS = {"4.2": ROOT / ".venv-bpy42" / "bin" / "python", "5.0": ROOT / ".venv-bpy50" / "bin" / "python"}
+BLENDERS = {"4.2": ROOT / ".venv-bpy42" / "bin" / "python", "4.5": ROOT / ".venv-bpy45" / "bin" / "python"}
 SEGMENTS, RINGS = 8, 3
 
 

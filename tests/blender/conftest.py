@@ -1,4 +1,4 @@
-"""bpy (Blender as a Python module) test set-up: run under .venv-bpy42 or .venv-bpy50, never the plain suite.
+"""bpy (Blender as a Python module) test set-up: run under .venv-bpy42, .venv-bpy45 or .venv-bpy52, never the plain suite.
 
 Blender's user config goes to a temporary folder (set before ``import bpy``). The extension is loaded from
 the source tree through a local extension repository (a symlink named like the manifest id), so it loads

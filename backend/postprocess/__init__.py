@@ -45,12 +45,12 @@ def run(mesh: Mesh, colour_field, options, stages) -> Mesh:
     if vertices is not mesh.vertices:
         stages.update(0.9, "colouring the new vertices from the field")
         colors = colour_field(vertices)
-    out = Mesh(vertices, faces, colors, stats=dict(mesh.stats))
+    uvs = texture = None
     if options.texture:
-        out.faces, out.uvs, out.texture, split = texture_for(vertices, faces, colour_field, int(options.texture),
-                                                             stages)
+        faces, uvs, texture, split = texture_for(vertices, faces, colour_field, int(options.texture), stages)
         if split:
             notes.append(f"{split:,} quads that the UV atlas cut in two were split into triangles")
+    out = Mesh(vertices, faces, colors, stats=dict(mesh.stats), uvs=uvs, texture=texture)
     out.stats.update(faces_reached=int(len(out.faces)), notes=notes, quads=quads,
                      texture=int(options.texture) if options.texture else None)
     if target is not None:

@@ -41,23 +41,28 @@ def bounds(vertices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return vertices.min(axis=0), vertices.max(axis=0)
 
 
+def _height_scale(lo: np.ndarray, hi: np.ndarray, target_height: float) -> float:
+    """The uniform scale that makes the Z extent ``target_height``; 1 for 0 (model units) or a flat mesh."""
+    height = float(hi[2] - lo[2])
+    return float(target_height / height) if target_height > 0 and height > 1e-12 else 1.0
+
+
+def _rest_offset(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """What to subtract so the box is centred on X and Y with its lowest point at Z = 0."""
+    return np.array([(lo[0] + hi[0]) / 2, (lo[1] + hi[1]) / 2, lo[2]], dtype=np.float32)
+
+
 def scale_to_height(vertices: np.ndarray, target_height: float) -> np.ndarray:
     """Scale uniformly so the Z extent is ``target_height``; 0 (or a flat mesh) keeps model units."""
     vertices = np.asarray(vertices, dtype=np.float32).reshape(-1, 3)
-    lo, hi = bounds(vertices)
-    height = float(hi[2] - lo[2])
-    if target_height <= 0 or height <= 1e-12:
-        return vertices.copy()
-    return (vertices * np.float32(target_height / height)).astype(np.float32)
+    return (vertices * np.float32(_height_scale(*bounds(vertices), target_height))).astype(np.float32)
 
 
 def rest_on_origin(vertices: np.ndarray) -> np.ndarray:
     """Shift so the bounding box is centred on X and Y and its lowest point is at Z = 0: placed at the
     3D cursor, the object then stands on it."""
     vertices = np.asarray(vertices, dtype=np.float32).reshape(-1, 3)
-    lo, hi = bounds(vertices)
-    offset = np.array([(lo[0] + hi[0]) / 2, (lo[1] + hi[1]) / 2, lo[2]], dtype=np.float32)
-    return (vertices - offset).astype(np.float32)
+    return (vertices - _rest_offset(*bounds(vertices))).astype(np.float32)
 
 
 @dataclass
@@ -78,13 +83,9 @@ class MeshArrays:
 def placement(vertices: np.ndarray, target_height: float = 0.0) -> tuple[float, np.ndarray]:
     """(scale, offset) such that ``vertices * scale - offset`` is scaled to ``target_height`` (0: model units)
     and rests on the origin (see :func:`scale_to_height` and :func:`rest_on_origin`)."""
-    vertices = np.asarray(vertices, dtype=np.float32).reshape(-1, 3)
     lo, hi = bounds(vertices)
-    height = float(hi[2] - lo[2])
-    scale = float(target_height / height) if target_height > 0 and height > 1e-12 else 1.0
-    lo, hi = lo * np.float32(scale), hi * np.float32(scale)
-    offset = np.array([(lo[0] + hi[0]) / 2, (lo[1] + hi[1]) / 2, lo[2]], dtype=np.float32)
-    return scale, offset
+    scale = _height_scale(lo, hi, target_height)
+    return scale, _rest_offset(lo * np.float32(scale), hi * np.float32(scale))  # the scaled mesh's bounds
 
 
 def to_backend_frame(local: np.ndarray, scale: float, offset) -> np.ndarray:

@@ -9,6 +9,7 @@ is polled between chunks of work and a cancelled job raises :class:`~.errors.Can
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import time
 from dataclasses import asdict, dataclass, replace
@@ -79,6 +80,11 @@ class Options:
             raise InputError("--quads needs a face budget: add --faces N")
         if self.texture is not None and not MIN_TEXTURE <= int(self.texture) <= MAX_TEXTURE:
             raise InputError(f"texture size must be between {MIN_TEXTURE} and {MAX_TEXTURE} pixels, got {self.texture}")
+        if self.texture is not None and importlib.util.find_spec("xatlas") is None:
+            # backend/requirements.txt leaves it out where it has no wheel (Linux aarch64)
+            raise InputError("a texture needs the UV atlas package xatlas, which is not installed here",
+                             hint="Install it with a C++ compiler at hand: pip install xatlas==0.0.11; "
+                                  "or leave the texture out (vertex colours).")
         if self.field_id is not None and not FIELD_ID.match(str(self.field_id)):
             raise InputError(f"not a field id: {self.field_id!r}")
         if self.save_views is not None:

@@ -1,16 +1,17 @@
 """Surface extraction from a density field: marching cubes slab by slab, welding, vertex colours.
 
 The grid is evaluated one x slice at a time and triangulated in slabs (neighbouring slabs share a slice),
-so memory stays bounded at any resolution: the full R³ density grid never exists. Marching cubes is
-PyMCubes, which gives the reference's vertex positions and its outward winding (surface where
-``density == threshold``, inside where density is higher).
+so memory stays bounded at any resolution: the full R³ density grid never exists. Marching cubes is our
+own (``marching_cubes.py``), on the field's device, with PyMCubes' vertex positions and outward winding, as
+the references have them (surface where ``density == threshold``, inside where density is higher).
 """
 
 from __future__ import annotations
 
-import mcubes
 import numpy as np
 import torch
+
+from . import marching_cubes as mc
 
 # Density kept for one marching-cubes slab (as float64); bounds memory whatever the resolution.
 SLAB_BYTES = 32 << 20
@@ -32,15 +33,14 @@ def marching_cubes(field, resolution: int, threshold: float, on_fraction=None):
 
     def triangulate():
         nonlocal n_verts
-        v, f = mcubes.marching_cubes(np.stack(slab), 0.0)
+        v, f = mc.marching_cubes(torch.stack(slab), offset=(start, 0, 0))
         if len(f):
-            v[:, 0] += start
-            verts.append(v)
-            faces.append(f.astype(np.int32) + np.int32(n_verts))  # int32: half the memory of a big mesh
+            verts.append(v.cpu().numpy())
+            faces.append(f.cpu().numpy().astype(np.int32) + np.int32(n_verts))  # int32: half a big mesh's memory
             n_verts += len(v)
 
     for i, density in enumerate(field.grid_density(coords)):
-        slab.append(density.cpu().numpy().astype(np.float64) - threshold)
+        slab.append(density.to(_mc_device(density.device), torch.float64) - threshold)
         if len(slab) == per_slab:
             triangulate()
             slab, start = slab[-1:], i  # cells between two slabs need the shared slice on both sides
@@ -52,6 +52,11 @@ def marching_cubes(field, resolution: int, threshold: float, on_fraction=None):
         return np.zeros((0, 3)), np.zeros((0, 3), dtype=np.int32)
     v, f = weld(np.concatenate(verts), np.concatenate(faces))
     return v / (resolution - 1) * (2 * field.radius) - field.radius, f
+
+
+def _mc_device(device: torch.device) -> torch.device:
+    """Where marching cubes runs: beside the density, except on MPS, which has no float64."""
+    return torch.device("cpu") if device.type == "mps" else device
 
 
 def colored_surface(field, resolution: int, threshold: float, stages):

@@ -373,3 +373,18 @@ def test_instant_meshes_faces_are_cleaned_for_blender():
     faces = np.array([[0, 1, 2, 3], [4, 5, 5, 6], [7, 7, 8, 9], [1, 2, 1, 3], [3, 2, 1, 0], [10, 11, 12, 10],
                       [13, 13, 14, 14]])
     assert quads_module.clean(faces).tolist() == [[0, 1, 2, 3], [4, 5, 6, -1], [7, 8, 9, -1], [11, 12, 10, -1]]
+
+
+def test_a_texture_without_xatlas_is_refused_before_anything_runs(monkeypatch):
+    """Where xatlas has no wheel (Linux aarch64) requirements.txt leaves it out: --texture then fails at once,
+    saying what is missing and how to get it."""
+    import importlib.util
+
+    from backend.errors import InputError
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "xatlas" else real(name, *a))
+    Options(faces=1000).validate()  # no texture: no atlas needed
+    with pytest.raises(InputError, match="xatlas") as e:
+        Options(texture=1024).validate()
+    assert "pip install xatlas" in e.value.hint

@@ -55,15 +55,8 @@ TARGETS = {
 # other gap, and also when a listed gap is closed (so the list cannot go stale).
 KNOWN_GAPS = {}
 for _python in PYTHONS:
-    KNOWN_GAPS[("xatlas", "linux-aarch64", _python)] = (
-        "xatlas 0.0.11 ships no Linux aarch64 wheel: pip builds it from source there (needs a C++ compiler)")
-    KNOWN_GAPS[("pymcubes", "linux-aarch64", _python)] = (
-        "PyMCubes 0.1.6 ships no Linux aarch64 wheel: pip builds it from source there (needs a C++ compiler)")
     KNOWN_GAPS[("onnxruntime", "macos-arm64", _python)] = (
         "onnxruntime>=1.23.2 has Apple Silicon wheels for macOS 13+ only; Blender itself runs from macOS 11.2")
-for _target in TARGETS:
-    KNOWN_GAPS[("pymcubes", _target, "3.13")] = (
-        "PyMCubes 0.1.6 has wheels up to cp312 only (issue #14: the marching-cubes replacement is pending)")
 
 
 def _requirements() -> list:

@@ -197,11 +197,11 @@ def link_selected(obj, view_layer, collections) -> None:
 
 
 def add_object(scene: bpy.types.Scene, view_layer, collection, name: str, mesh, settings: dict,
-               image=None) -> bpy.types.Object:
-    """Link the object at the 3D cursor (its lowest point on the cursor), selected and active."""
+               image=None, location=None) -> bpy.types.Object:
+    """Link the object at ``location``, else at the 3D cursor (its lowest point there), selected and active."""
     obj = new_object(name, mesh, settings, image)
     try:
-        obj.location = scene.cursor.location
+        obj.location = scene.cursor.location if location is None else location
         link_selected(obj, view_layer, [collection])
     except Exception:
         discard(obj, *mesh.materials)
@@ -212,7 +212,8 @@ def add_object(scene: bpy.types.Scene, view_layer, collection, name: str, mesh, 
 def discard(*ids) -> None:
     """Remove data-blocks made for an object that could not be added (None entries are skipped)."""
     homes = ((bpy.types.Object, bpy.data.objects), (bpy.types.Material, bpy.data.materials),
-             (bpy.types.Mesh, bpy.data.meshes), (bpy.types.Image, bpy.data.images))
+             (bpy.types.Mesh, bpy.data.meshes), (bpy.types.Image, bpy.data.images),
+             (bpy.types.Collection, bpy.data.collections))
     for block in ids:
         for kind, home in homes:
             if isinstance(block, kind):
@@ -221,6 +222,14 @@ def discard(*ids) -> None:
                 except ReferenceError:  # already gone
                     pass
                 break
+
+
+def x_range(mesh) -> tuple[float, float]:
+    """The mesh's extent along its local X axis ((0, 0) when it has no vertices)."""
+    positions = np.empty(len(mesh.vertices) * 3, dtype=np.float32)
+    mesh.attributes["position"].data.foreach_get("vector", positions)
+    xs = positions[0::3]
+    return (float(xs.min()), float(xs.max())) if len(xs) else (0.0, 0.0)
 
 
 def stored_settings(obj) -> dict | None:

@@ -1,5 +1,8 @@
 """Generation settings and job status, at ``scene.image_to_3d``.
 
+The input is one image, or a batch of image files (``batch``, chosen with Open Batch) that Generate 3D runs
+one after another.
+
 The model list comes from the backend's registry. Resolution, threshold and foreground ratio follow the
 chosen model's own values until the user sets one (``use_custom_*``): then that value is sent, otherwise
 None, which the backend reads as "the model's default". Source size 0 means the model's.
@@ -10,7 +13,8 @@ Retopologize read it too.
 """
 
 import bpy
-from bpy.props import BoolProperty, EnumProperty, FloatProperty, IntProperty, PointerProperty, StringProperty
+from bpy.props import (BoolProperty, CollectionProperty, EnumProperty, FloatProperty, IntProperty, PointerProperty,
+                       StringProperty)
 
 from . import catalog
 from .preferences import DEVICE_ITEMS
@@ -105,8 +109,16 @@ def output_options(settings) -> dict:
     }
 
 
+class BatchImage(bpy.types.PropertyGroup):
+    filepath: StringProperty(name="File", subtype="FILE_PATH")
+
+
 class ImageTo3DSettings(bpy.types.PropertyGroup):
     image: PointerProperty(name="Image", type=bpy.types.Image, description="The reference image")
+    # A batch: when it holds images, Generate 3D makes one object from each (Open Batch chooses them).
+    batch: CollectionProperty(name="Batch", type=BatchImage,
+                              description="Image files to generate one after another")
+    batch_name: StringProperty(name="Batch Name", description="Name of the collection the batch's objects go in")
     model: EnumProperty(name="Model", items=MODEL_ITEMS, default=DEFAULT_MODEL, update=_model_changed,
                         description="The reconstruction model (its weights are downloaded once, in the preferences)")
     resolution: IntProperty(name="Resolution", description="Size of the grid the surface is extracted on: more "
@@ -177,6 +189,7 @@ class ImageTo3DSettings(bpy.types.PropertyGroup):
 
 
 def register():
+    bpy.utils.register_class(BatchImage)
     bpy.utils.register_class(ImageTo3DSettings)
     bpy.types.Scene.image_to_3d = PointerProperty(type=ImageTo3DSettings)
 
@@ -184,3 +197,4 @@ def register():
 def unregister():
     del bpy.types.Scene.image_to_3d
     bpy.utils.unregister_class(ImageTo3DSettings)
+    bpy.utils.unregister_class(BatchImage)

@@ -1,12 +1,14 @@
-"""Cancel the job in flight: cooperative first, the worker is killed if it does not stop in time."""
+"""Cancel the job in flight: cooperative first, the worker is killed if it does not stop in time. A batch
+starts no further image; the objects it made stay."""
 
 import bpy
 
 from .. import session
+from . import batch
 
 
 class IMAGE_TO_3D_OT_cancel(bpy.types.Operator):
-    """Stop the running generation"""
+    """Stop the running generation (and the rest of a batch)"""
 
     bl_idname = "image_to_3d.cancel"
     bl_label = "Cancel"
@@ -20,6 +22,7 @@ class IMAGE_TO_3D_OT_cancel(bpy.types.Operator):
         return True
 
     def execute(self, context):
+        batch.cancel()
         session.current().cancel()
         return {"FINISHED"}
 

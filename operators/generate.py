@@ -5,7 +5,8 @@ polls the client (never blocks), copies the progress into the panel, and on comp
 the job's ``on_done`` on the main thread and pushes one undo step. In background mode (scripts, tests,
 ``make demo``) timers never fire, so ``execute()`` runs the same ticks itself until the job is done.
 Bake from Model and Retopologize (their own files) start their jobs through :func:`begin_job` and share
-this timer, progress, cancel and error handling.
+this timer, progress, cancel and error handling; a batch of images (``batch.py``) runs one job after
+another through :func:`start_job`.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from bpy.props import BoolProperty
 from .. import catalog, environment, import_mesh, preferences, properties, session
 from ..backend.client import CANCELLED, DONE
 from ..core import png
+from . import batch
 
 TICK_S = 0.1
 READABLE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
@@ -134,7 +136,7 @@ def backend_problem(context) -> str:
     """Why no job can start now ('' when one can): one at a time, and a backend to run it."""
     if getattr(context.scene, "image_to_3d", None) is None:
         return "No scene"
-    if session.is_busy():
+    if session.is_busy() or batch.running():
         return "A generation is already running"
     python = preferences.backend_python(context)
     if not python:
@@ -156,9 +158,9 @@ def why_not(context) -> str:
     settings = getattr(context.scene, "image_to_3d", None)
     if settings is None:
         return "No scene"
-    if session.is_busy():
+    if session.is_busy() or batch.running():
         return "A generation is already running"
-    if settings.image is None:
+    if settings.image is None and not settings.batch:
         return "Choose an image first"
     return (licence_problem(settings.model) or properties.faces_problem(settings) or backend_problem(context))
 
@@ -200,7 +202,8 @@ class JobOperator:
 
 
 class IMAGE_TO_3D_OT_generate(JobOperator, bpy.types.Operator):
-    """Reconstruct a coloured mesh from the image with the chosen model, in a background process"""
+    """Reconstruct a coloured mesh from the image (or from each image of the batch, one after another) \
+with the chosen model, in a background process"""
 
     bl_idname = "image_to_3d.generate"
     bl_label = "Generate 3D"
@@ -208,19 +211,27 @@ class IMAGE_TO_3D_OT_generate(JobOperator, bpy.types.Operator):
 
     def execute(self, context):
         settings = context.scene.image_to_3d
+        batch.forget()  # the last batch's list of failed images goes with the next Generate
         options = job_options(settings, preferences.get(context))
+        if settings.batch:
+            paths = [bpy.path.abspath(item.filepath) for item in settings.batch]
+            return batch.begin(self, context, paths, settings.batch_name, options,
+                               generation_settings(settings, options))
         image = settings.image
         info = {
             "on_done": import_result,
             "undo": "Generate 3D",
-            # The values sent, the model's defaults where None was sent (the result's own report of what it
-            # used replaces these, see result_settings).
-            "settings": dict(properties.effective(settings), **{k: v for k, v in options.items() if v is not None},
-                             image=image.name, smooth_shading=bool(settings.smooth_shading),
-                             target_height=float(settings.target_height)),
+            "settings": dict(generation_settings(settings, options), image=image.name),
         }
         return begin_job(self, context, lambda worker, staging: worker.submit(
             image_file_for_worker(image, staging), options), info)
+
+
+def generation_settings(settings, options: dict) -> dict:
+    """What is stored on a generated object, but its image: the values sent, the model's defaults where None
+    was sent (the result's own report of what it used replaces these, see result_settings)."""
+    return dict(properties.effective(settings), **{k: v for k, v in options.items() if v is not None},
+                smooth_shading=bool(settings.smooth_shading), target_height=float(settings.target_height))
 
 
 def begin_job(operator, context, submit, info: dict) -> set:
@@ -229,38 +240,21 @@ def begin_job(operator, context, submit, info: dict) -> set:
     ``submit(worker, staging_dir)`` sends the request and returns the Job. ``info`` holds names and plain
     values only (never bpy structs, which undo and file loads invalidate), ``on_done(scene, info, job)``,
     which turns the result into Blender data and returns the line the panel shows, ``undo``, the name of
-    the undo step it makes, and optionally ``failure``: (what failed, hint) when ``on_done`` raises."""
+    the undo step it makes, and optionally ``failure``: (what failed, hint) when ``on_done`` raises. A batch's
+    jobs (``start_job``) also have ``on_failure(message, hint)``, which takes the place of the panel's error,
+    and ``then(state)``, called when the job has ended, which starts the next image."""
     settings = context.scene.image_to_3d
-    prefs = preferences.get(context)
-    settings.last_error = settings.last_hint = settings.last_info = settings.last_notes = ""
-    staging = None
+    clear_outcome(settings)
     try:
-        worker = session.worker_for(preferences.backend_python(context), temp_root(),
-                                    env=environment.process_env(prefs))
-        os.makedirs(worker.temp_dir, exist_ok=True)
-        staging = tempfile.mkdtemp(prefix="input-", dir=worker.temp_dir)
-        job = submit(worker, staging)
+        job = start_job(context.scene, context.view_layer, submit, info)
     except (OSError, ValueError, RuntimeError) as exc:
-        if staging:
-            shutil.rmtree(staging, ignore_errors=True)
         settings.last_error = str(exc)
-        settings.last_hint = "Check the image and the backend Python in the add-on preferences"
+        settings.last_hint = START_HINT
         operator.report({"ERROR"}, settings.last_error)
         return {"CANCELLED"}
 
-    JOBS[job.id] = dict(info, scene=context.scene.name, view_layer=context.view_layer.name, staging=staging,
-                        started=time.monotonic())
-    TIMERS[job.id] = functools.partial(tick, job.id)
-    # persistent: the job is still followed (and its worker cleaned up) if another file is opened meanwhile
-    bpy.app.timers.register(TIMERS[job.id], first_interval=TICK_S, persistent=True)
-
-    if bpy.app.background and not getattr(operator, "run_async", False):
-        # Timers never fire here: run the same ticks until the job is done.
-        timer = TIMERS[job.id]
-        while timer() is not None:
-            time.sleep(0.02)
-        if bpy.app.timers.is_registered(timer):
-            bpy.app.timers.unregister(timer)
+    if blocks(operator):
+        run_ticks()
         if settings.last_error:
             operator.report({"ERROR"}, f"{settings.last_error} ({settings.last_hint})" if settings.last_hint
                             else settings.last_error)
@@ -269,6 +263,52 @@ def begin_job(operator, context, submit, info: dict) -> set:
             return {"CANCELLED"}
         operator.report({"INFO"}, settings.last_info)
     return {"FINISHED"}
+
+
+START_HINT = "Check the image and the backend Python in the add-on preferences"
+
+
+def clear_outcome(settings) -> None:
+    settings.last_error = settings.last_hint = settings.last_info = settings.last_notes = ""
+
+
+def start_job(scene, view_layer, submit, info: dict):
+    """Submit a job to the session's worker (started if needed) and register the timer that follows it.
+    Raises OSError, ValueError or RuntimeError when it cannot start, leaving nothing behind."""
+    context = bpy.context
+    staging = None
+    try:
+        worker = session.worker_for(preferences.backend_python(context), temp_root(),
+                                    env=environment.process_env(preferences.get(context)))
+        os.makedirs(worker.temp_dir, exist_ok=True)
+        staging = tempfile.mkdtemp(prefix="input-", dir=worker.temp_dir)
+        job = submit(worker, staging)
+    except (OSError, ValueError, RuntimeError):
+        if staging:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+    JOBS[job.id] = dict(info, scene=scene.name, view_layer=view_layer.name, staging=staging,
+                        started=time.monotonic())
+    TIMERS[job.id] = functools.partial(tick, job.id)
+    # persistent: the job is still followed (and its worker cleaned up) if another file is opened meanwhile
+    bpy.app.timers.register(TIMERS[job.id], first_interval=TICK_S, persistent=True)
+    return job
+
+
+def blocks(operator) -> bool:
+    """Background mode runs the job to its end inside the operator, unless the caller drives the timer."""
+    return bpy.app.background and not getattr(operator, "run_async", False)
+
+
+def run_ticks() -> None:
+    """Timers never fire in background mode: run the same ticks here until no job is followed (a batch
+    starts its next job from the tick that ends the previous one)."""
+    while TIMERS:
+        timer = next(iter(TIMERS.values()))
+        while timer() is not None:
+            time.sleep(0.02)
+        if bpy.app.timers.is_registered(timer):
+            bpy.app.timers.unregister(timer)
 
 
 def seconds_since(info) -> str:
@@ -280,8 +320,10 @@ def tick(job_id: str):
     info = JOBS.get(job_id)
     worker = session.current()
     job = worker.job if worker is not None else None
-    if info is None or job is None or job.id != job_id:
+    if info is None or job is None or job.id != job_id:  # its worker was stopped or replaced
         finish(job_id)
+        if info and info.get("then"):
+            info["then"](CANCELLED)
         return None
     worker.poll()
     scene = bpy.data.scenes.get(info["scene"])
@@ -300,31 +342,41 @@ def tick(job_id: str):
             settings.last_info = "Cancelled"
             session.stop()  # a cancelled job leaves no worker behind (and frees its memory)
         else:
-            settings.last_error = job.error["message"]
             code = job.error.get("code")
-            settings.last_hint = (BLENDER_HINTS.get(code) or job.error.get("hint") or DEFAULT_HINTS.get(code, ""))
+            failed(settings, info, job.error["message"],
+                   BLENDER_HINTS.get(code) or job.error.get("hint") or DEFAULT_HINTS.get(code, ""))
             print(f"Image to 3D: {job.error['code']}: {job.error['message']}\n--- backend log ---\n"
                   f"{worker.log_tail(40)}\n---")
     except Exception as exc:  # noqa: BLE001 - an import failure must reach the panel, not the console only
         if settings is None:
             raise
         what, hint = info.get("failure", ("Import failed", "The generated file could not be turned into a mesh"))
-        settings.last_error = f"{what}: {exc}"
-        settings.last_hint = hint
+        failed(settings, info, f"{what}: {exc}", hint)
     finally:
         job.cleanup()
         finish(job_id)
+        if info.get("then"):  # a batch goes on with its next image (or ends)
+            info["then"](job.state)
         redraw_panels()
     return None
 
 
-def import_result(scene, info, job) -> str:
-    """The object (and, from a multi-view model, its views image), added whole or not at all."""
+def failed(settings, info, message: str, hint: str) -> None:
+    """A job that failed: the panel's error, or, for a batch's image, a line in the batch's list."""
+    if info.get("on_failure"):
+        info["on_failure"](message, hint)
+    else:
+        settings.last_error, settings.last_hint = message, hint
+
+
+def import_result(scene, info, job, collection=None, where=None) -> str:
+    """The object (and, from a multi-view model, its views image), added whole or not at all: in
+    ``collection`` (else the active one), at ``where(mesh)`` (else the 3D cursor)."""
     settings = info["settings"]
     stem = os.path.splitext(settings["image"] or "Generated")[0]
     views = import_mesh.keep_views(job.views_path, f"{stem} views") if job.views_path else None
     try:
-        obj = add_result_object(scene, info, job, stem, views)
+        obj = add_result_object(scene, info, job, stem, views, collection, where)
     except Exception:
         import_mesh.discard(views)
         raise
@@ -369,24 +421,37 @@ def result_mesh(name: str, job, settings: dict, place=None):
     return mesh, image, place
 
 
-def add_result_object(scene, info, job, stem, views):
+def add_result_object(scene, info, job, stem, views, collection=None, where=None):
     settings = info["settings"]
     mesh, image, place = result_mesh(settings["image"] or "Generated", job, settings)
-    view_layer = scene.view_layers.get(info["view_layer"]) or scene.view_layers[0]
-    collection = scene.collection
-    context = bpy.context
-    if context.scene == scene and context.view_layer == view_layer:
-        collection = context.view_layer.active_layer_collection.collection
-        if context.object is not None:
-            to_object_mode(context.object)
+    view_layer = result_view_layer(scene, info)
+    if collection is None:
+        collection = active_collection(scene, view_layer)
     stored = result_settings(settings, job, place, image)
     if views is not None:
         stored["views_image"] = views.name
     try:
-        return import_mesh.add_object(scene, view_layer, collection, f"{stem} 3D", mesh, stored, image)
+        location = where(mesh) if where is not None else None
+        return import_mesh.add_object(scene, view_layer, collection, f"{stem} 3D", mesh, stored, image,
+                                      location=location)
     except Exception:
         import_mesh.discard(image, mesh)
         raise
+
+
+def result_view_layer(scene, info):
+    return scene.view_layers.get(info["view_layer"]) or scene.view_layers[0]
+
+
+def active_collection(scene, view_layer):
+    """Where a new object goes: the active collection when Blender shows this scene and view layer (its
+    active object is put in Object Mode first), else the scene's own collection."""
+    context = bpy.context
+    if context.scene != scene or context.view_layer != view_layer:
+        return scene.collection
+    if context.object is not None:
+        to_object_mode(context.object)
+    return context.view_layer.active_layer_collection.collection
 
 
 def to_object_mode(obj) -> bool:
@@ -428,4 +493,5 @@ def register():
 def unregister():
     for job_id in list(TIMERS):
         finish(job_id, unregister_timer=True)
+    batch.forget()
     bpy.utils.unregister_class(IMAGE_TO_3D_OT_generate)

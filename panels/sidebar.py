@@ -4,7 +4,7 @@ import bpy
 
 from .. import catalog, environment, import_mesh, preferences, properties, session
 from ..backend import stages
-from ..operators import bake
+from ..operators import bake, batch
 
 STAGE_LABELS = {
     stages.BACKGROUND: "Removing background",
@@ -29,11 +29,18 @@ def wrapped(layout, text: str, icon: str = "NONE"):
 
 
 def draw_image(layout, settings):
-    layout.template_ID(settings, "image", open="image.open")
+    """The single image (a picker and its thumbnail), or the batch chosen instead."""
+    if not settings.batch:
+        layout.template_ID(settings, "image", open="image.open")
     row = layout.row(align=True)
     row.operator("image_to_3d.open_image", text="Open…", icon="FILEBROWSER")
     row.operator("image_to_3d.use_editor_image", icon="IMAGE")
-    if settings.image is not None:
+    layout.operator("image_to_3d.open_batch", text="Open Batch…", icon="DOCUMENTS")
+    if settings.batch:
+        row = layout.box().row()
+        row.label(text=f"{settings.batch_name}: {len(settings.batch)} images", icon="DOCUMENTS")
+        row.operator("image_to_3d.clear_batch", text="", icon="X")
+    elif settings.image is not None:
         layout.template_icon(icon_value=layout.icon(settings.image), scale=6.0)
 
 
@@ -41,13 +48,28 @@ def draw_progress(layout, job):
     label = STAGE_LABELS.get(job.stage, job.stage or "Starting backend")
     if job.cancel_requested_at is not None:
         label = "Cancelling…"
+    text = f"{label} {job.fraction:.0%}"
+    if batch.running():
+        run = batch.current()
+        text = f"Image {run.position} of {run.total} · {text}"
     if hasattr(layout, "progress"):  # Blender 4.0+
-        layout.progress(factor=job.fraction, type="BAR", text=f"{label} {job.fraction:.0%}")
+        layout.progress(factor=job.fraction, type="BAR", text=text)
     else:
-        layout.label(text=f"{label} {job.fraction:.0%}")
+        layout.label(text=text)
     if job.message:  # e.g. "view synthesis step 12/75"
         layout.label(text=job.message)
     layout.operator("image_to_3d.cancel", icon="CANCEL")
+
+
+def draw_batch_failures(layout, context):
+    """The images of the running (or last) batch that failed, each with its reason."""
+    run = batch.current()
+    if run is None or run.scene != context.scene.name or not run.failures:
+        return
+    box = layout.box()
+    box.label(text=f"Failed: {len(run.failures)} of {run.total}", icon="ERROR")
+    for file_name, reason in run.failures:
+        wrapped(box, f"{file_name}: {reason}", icon="BLANK1")
 
 
 def draw_outcome(layout, settings, context):
@@ -186,8 +208,12 @@ class IMAGE_TO_3D_PT_sidebar(bpy.types.Panel):
         busy = job is not None and not job.finished
         if busy:  # whichever job runs: Generate 3D, Bake from Model or Retopologize
             draw_progress(layout, job)
+        elif settings.batch:
+            layout.operator("image_to_3d.generate", text=f"Generate 3D ({len(settings.batch)} images)",
+                            icon="MESH_MONKEY")
         else:
             layout.operator("image_to_3d.generate", icon="MESH_MONKEY")
+        draw_batch_failures(layout, context)
         draw_outcome(layout, settings, context)
         if not busy:
             draw_generated_object(layout, settings, context)

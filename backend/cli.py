@@ -58,6 +58,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="reduce to about N faces (quadric edge collapse), N >= 100 (default: as extracted)")
     o.add_argument("--quads", action="store_true",
                    help="with --faces: quad-dominant retopology (Instant Meshes); falls back to triangles, saying so")
+    o.add_argument("--dense", action="store_true",
+                   help="evaluate the density at every grid point instead of coarse to fine (the same mesh, "
+                        "slower: for comparison, or as a fallback)")
     o.add_argument("--texture", type=int, metavar="SIZE",
                    help="bake a SIZE x SIZE colour texture from the model (512..4096) on a UV atlas; without "
                         "--faces the mesh is first reduced to 50,000 faces. GLB and OBJ carry it (OBJ: .mtl and "
@@ -209,7 +212,7 @@ def _generate(args) -> int:
                           remove_background=args.remove_background, device=args.device, u2net_path=args.u2net,
                           source_size=args.source_size, views=args.views, save_views=args.save_views,
                           steps=args.steps, guidance=args.guidance, seed=args.seed, faces=args.faces,
-                          quads=args.quads, texture=args.texture)
+                          quads=args.quads, texture=args.texture, dense=args.dense)
         from .pipeline import generate
 
         mesh = generate(args.input, options, progress=_progress_printer(args.quiet or args.json))

@@ -81,12 +81,12 @@ def _on(device):
 
 
 def cube_cases(values: torch.Tensor) -> torch.Tensor:
-    """The case (0..255) of every cell of a (X, Y, Z) grid, as int16 (X-1, Y-1, Z-1)."""
+    """The case (0..255) of every cell of (..., X, Y, Z) grids, as int16 (..., X-1, Y-1, Z-1)."""
     inside = (values <= 0).to(torch.int16)
-    nx, ny, nz = (n - 1 for n in values.shape)
-    case = torch.zeros((nx, ny, nz), dtype=torch.int16, device=values.device)
+    nx, ny, nz = (n - 1 for n in values.shape[-3:])
+    case = torch.zeros((*values.shape[:-3], nx, ny, nz), dtype=torch.int16, device=values.device)
     for m, (dx, dy, dz) in enumerate(CORNERS):
-        case |= inside[dx:dx + nx, dy:dy + ny, dz:dz + nz] << m
+        case |= inside[..., dx:dx + nx, dy:dy + ny, dz:dz + nz] << m
     return case
 
 
@@ -94,42 +94,65 @@ def marching_cubes(values: torch.Tensor, offset=(0, 0, 0)):
     """Triangulate the surface ``values == 0`` of a (X, Y, Z) float64 grid whose point [0, 0, 0] is grid point
     ``offset`` of the whole grid. Returns vertices (N, 3) float64 in whole-grid units and faces (M, 3) int64,
     each vertex used, one per crossed edge, faces in PyMCubes' order."""
+    origin = torch.tensor([offset], dtype=torch.int64, device=values.device)
+    vertices, faces, _ = march_blocks(values[None], origin, [o + n for o, n in zip(offset, values.shape)])
+    return vertices, faces
+
+
+def march_blocks(values: torch.Tensor, offsets: torch.Tensor, grid_shape):
+    """Marching cubes on B blocks of one grid at once: values (B, X, Y, Z) float64, block b's point [0, 0, 0]
+    at grid point offsets[b] (int64). Cells reaching past ``grid_shape`` (the whole grid's point counts) are
+    left out, so blocks at the far end may be padded. Returns vertices (N, 3) float64 in grid units (one
+    per crossed edge), faces (M, 3) int64 and the grid cell of each face (its linear index, x-major),
+    faces ordered by cell and within a cell as PyMCubes orders them. Blocks sharing boundary samples must
+    agree on them: an edge on a shared boundary is taken from one of them."""
     device = values.device
     counts, table, edge_axis_corner = _on(device)
+    gx, gy, gz = (int(n) for n in grid_shape)
     case = cube_cases(values)
-    cells = torch.nonzero((case != 0) & (case != 255))  # row-major: PyMCubes' cell order
+    active = (case != 0) & (case != 255)
+    local_max = torch.tensor([gx - 1, gy - 1, gz - 1], device=device) - offsets  # cells per block in the grid
+    for axis in range(3):
+        shape = [1] * 4
+        shape[axis + 1] = -1
+        cell_index = torch.arange(case.shape[axis + 1], device=device).reshape(shape)
+        active &= cell_index < local_max[:, axis].reshape(-1, 1, 1, 1)
+    cells = torch.nonzero(active)  # (block, x, y, z), row-major
+    empty = torch.zeros((0, 3), device=device)
     if len(cells) == 0:
-        return (torch.zeros((0, 3), dtype=torch.float64, device=device),
-                torch.zeros((0, 3), dtype=torch.int64, device=device))
-    cell_case = case[cells[:, 0], cells[:, 1], cells[:, 2]].long()
+        return empty.double(), empty.long(), torch.zeros((0,), dtype=torch.int64, device=device)
+    cell_case = case[cells[:, 0], cells[:, 1], cells[:, 2], cells[:, 3]].long()
+    global_cell = offsets[cells[:, 0]] + cells[:, 1:]
+    order = torch.argsort((global_cell[:, 0] * gy + global_cell[:, 1]) * gz + global_cell[:, 2], stable=True)
+    cells, cell_case, global_cell = cells[order], cell_case[order], global_cell[order]
     n_corners = counts[cell_case] * 3
     owner = torch.repeat_interleave(torch.arange(len(cells), device=device), n_corners)
     # position of each corner within its cell's list: 0, 1, 2, ... per cell
     first = torch.cumsum(n_corners, 0) - n_corners
     slot = torch.arange(len(owner), device=device) - first[owner]
-    edge = table[cell_case[owner], slot]
-    axis_corner = edge_axis_corner[edge]
-    point = cells[owner] + axis_corner[:, 1:]  # the edge's lower grid point, block units
+    axis_corner = edge_axis_corner[table[cell_case[owner], slot]]
     axis = axis_corner[:, 0]
-    nx, ny, nz = values.shape
-    key = ((axis * nx + point[:, 0]) * ny + point[:, 1]) * nz + point[:, 2]
+    lo = global_cell[owner] + axis_corner[:, 1:]  # the edge's lower grid point
+    key = ((axis * gx + lo[:, 0]) * gy + lo[:, 1]) * gz + lo[:, 2]
     key, corner_vertex = torch.unique(key, return_inverse=True)
-    # back from keys to the crossed edges
-    axis = key // (nx * ny * nz)
-    rest = key % (nx * ny * nz)
-    lo = torch.stack((rest // (ny * nz), rest // nz % ny, rest % nz), dim=1)
-    hi = lo + torch.nn.functional.one_hot(axis, 3)
-    f_lo = values[lo[:, 0], lo[:, 1], lo[:, 2]]
-    f_hi = values[hi[:, 0], hi[:, 1], hi[:, 2]]
-    origin = torch.tensor(offset, dtype=torch.int64, device=device)
-    g_lo = lo + origin
+    # one corner standing for each crossed edge: its block and local lower point give the edge's two values
+    rep = torch.empty(len(key), dtype=torch.int64, device=device).scatter_(
+        0, corner_vertex, torch.arange(len(corner_vertex), device=device))
+    axis, lo = axis[rep], lo[rep]
+    block = cells[owner[rep], 0]
+    local_lo = lo - offsets[block]
+    local_hi = local_lo + torch.nn.functional.one_hot(axis, 3)
+    f_lo = values[block, local_lo[:, 0], local_lo[:, 1], local_lo[:, 2]]
+    f_hi = values[block, local_hi[:, 0], local_hi[:, 1], local_hi[:, 2]]
     # PyMCubes walks x edges from the upper end except on the grid's y == 0 row, y edges from the lower end
     # except on the x == 0 face, z edges always from the lower end.
-    from_hi = ((axis == 0) & (g_lo[:, 1] != 0)) | ((axis == 1) & (g_lo[:, 0] == 0))
+    from_hi = ((axis == 0) & (lo[:, 1] != 0)) | ((axis == 1) & (lo[:, 0] == 0))
     f_start = torch.where(from_hi, f_hi, f_lo)
     f_end = torch.where(from_hi, f_lo, f_hi)
-    start = torch.gather(g_lo, 1, axis[:, None])[:, 0].to(torch.float64) + from_hi.to(torch.float64)
+    start = torch.gather(lo, 1, axis[:, None])[:, 0].to(torch.float64) + from_hi.to(torch.float64)
     step = (0.0 - f_start) / (f_end - f_start)
-    vertices = g_lo.to(torch.float64)
+    vertices = lo.to(torch.float64)
     vertices.scatter_(1, axis[:, None], torch.where(from_hi, start - step, start + step)[:, None])
-    return vertices, corner_vertex.reshape(-1, 3)
+    face_cells = ((global_cell[:, 0] * gy + global_cell[:, 1]) * gz + global_cell[:, 2])
+    face_cells = torch.repeat_interleave(face_cells, counts[cell_case])
+    return vertices, corner_vertex.reshape(-1, 3), face_cells

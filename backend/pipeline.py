@@ -55,6 +55,9 @@ class Options:
     quads: bool = False  # quad-dominant retopology at the face budget (needs faces)
     texture: Optional[int] = None  # bake a SIZE² texture from the field (reduces to a default budget first)
     field_id: Optional[str] = None  # reuse this generation's cached field (Retopologize, Bake from Model)
+    # Surface extraction: False = coarse to fine (full resolution only near the surface, the same mesh);
+    # True = evaluate the density at every grid point (slower; for comparison, and as a fallback).
+    dense: bool = False
 
     def validate(self) -> None:
         if self.resolution is not None and not MIN_RESOLUTION <= int(self.resolution) <= MAX_RESOLUTION:

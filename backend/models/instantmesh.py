@@ -368,7 +368,7 @@ class InstantNeRF(SparseViewLRM):
         from ..surface import colored_surface
 
         threshold = NERF_ISO if options.threshold is None else float(options.threshold)
-        vertices, faces, colors = colored_surface(self.field(planes), res, threshold, stages)
+        vertices, faces, colors = colored_surface(self.field(planes), res, threshold, stages, dense=options.dense)
         return vertices, faces, np.clip(colors, 0.0, 1.0)
 
 

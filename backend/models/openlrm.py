@@ -181,7 +181,7 @@ class OpenLRM(SingleImageModel, nn.Module):
 
     def mesh_from(self, planes: torch.Tensor, options, stages) -> Mesh:
         vertices, faces, colors = surface.colored_surface(self.field(planes), int(options.resolution),
-                                                          float(options.threshold), stages)
+                                                          float(options.threshold), stages, dense=options.dense)
         return Mesh(vertices, faces, truncate_to_bytes(colors),
                     stats={"threshold": float(options.threshold), "resolution": int(options.resolution)})
 

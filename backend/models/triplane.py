@@ -10,7 +10,10 @@ Two ways to evaluate:
   spanning x and y depends only on (i, j), one spanning x and z on (i, k), one spanning y and z on
   (j, k), and the MLP's first layer is linear, so that layer is evaluated on the three R×R planes and
   summed per voxel. This skips R³ bilinear samples and a third of the MLP work, with the same values up
-  to float rounding.
+  to float rounding;
+- :meth:`TriplaneField.grid_density_where` at any subset of that grid's points (coarse samples, blocks near
+  the surface, whole slices), with the same factored arithmetic, made independent of batching so that a
+  point gets one value however it is asked for.
 """
 
 from __future__ import annotations
@@ -21,6 +24,9 @@ from torch import nn
 
 ACTIVATIONS = {"silu": nn.SiLU, "relu": nn.ReLU}
 POINTS_PER_BLOCK = 1 << 14
+# Boxes (grid_density_at) run each step on a row count padded to a multiple of this, so that every point goes
+# through the same kernels (full tiles, whole vectors, even thread splits) however the points were batched.
+ROW_MULTIPLE = 256
 # (column axis, row axis) of each plane, world axes 0/1/2 = x/y/z.
 TRIPOSR_PLANE_AXES = ((0, 1), (0, 2), (1, 2))
 EG3D_PLANE_AXES = ((0, 1), (0, 2), (2, 1))  # OpenLRM (EG3D's corrected projection): the third plane is (z, y)
@@ -82,6 +88,10 @@ class TriplaneField:
         self.plane_axes = tuple(tuple(a) for a in plane_axes)
         self.density_activation = density_activation
         self.color_margin = color_margin
+
+    @property
+    def device(self) -> torch.device:
+        return self.planes.device
 
     def normalize(self, p: torch.Tensor) -> torch.Tensor:
         r = self.radius
@@ -154,3 +164,72 @@ class TriplaneField:
                 h = hidden(h)
                 raw[j0:j0 + rows] = (h @ last.weight[0] + last.bias[0]).reshape(-1, r)  # density row only
             yield self.activate_density(raw)
+
+    @torch.no_grad()
+    def grid_density_where(self, coords: torch.Tensor, xs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Density at the grid points (coords[xs[a]], coords[j], coords[k]) where mask[a, j, k] (mask (A, R, R)
+        bool) -> (A, R, R) float32, NaN elsewhere.
+
+        :meth:`grid_density`'s factored arithmetic, made independent of which points are asked together: a
+        grid point gets the same float32 value, bit for bit, whatever the mask (the coarse-to-fine surface
+        evaluates a few points per slice, the dense path whole slices, and they must agree). Hence row counts
+        padded (:func:`padded_rows`) and the density row as a row-wise reduction rather than a matrix-vector
+        product, whose rounding depends on the row's place in the matrix. The values differ from
+        :meth:`grid_density`'s by float rounding only (a few ulp)."""
+        a, j, k = torch.nonzero(mask.to(self.planes.device), as_tuple=True)
+        out = torch.full(mask.shape, float("nan"), device=self.planes.device)
+        out[a, j, k] = self.grid_density_points(coords, xs, a, j, k)
+        return out
+
+    @torch.no_grad()
+    def grid_density_points(self, coords: torch.Tensor, xs: torch.Tensor, a: torch.Tensor, j: torch.Tensor,
+                            k: torch.Tensor) -> torch.Tensor:
+        """:meth:`grid_density_where` at the points (coords[xs[a]], coords[j], coords[k]) -> (N,) float32."""
+        layers = list(self.mlp)
+        first, hidden, last = layers[0], self.mlp[1:-1], layers[-1]
+        w = first.weight.split(self.planes.shape[1], dim=1)
+        q = self.normalize(coords.to(self.planes))
+        h_yz = self._yz_layer(q, w, first.bias)  # (R, R, n), bias folded in
+        qx = q[xs.to(q.device)]
+        p, feats = self._sample_axes((0, 1), qx, q)
+        h_xy = padded_rows(lambda x: x @ w[p].T, feats)  # (A, R, n)
+        p, feats = self._sample_axes((0, 2), qx, q)
+        h_xz = padded_rows(lambda x: x @ w[p].T, feats)  # (A, R, n)
+        a, j, k = (t.to(q.device) for t in (a, j, k))
+        r, n = len(q), h_yz.shape[-1]
+        # rows of the three terms per point, by flat index (index_select: several times faster than [a, j])
+        at_xy, at_xz, at_yz = a * r + j, a * r + k, j * r + k
+        h_xy, h_xz, h_yz = h_xy.reshape(-1, n), h_xz.reshape(-1, n), h_yz.reshape(-1, n)
+        density = torch.empty(len(a), device=q.device)
+        for s in range(0, len(a), POINTS_PER_BLOCK):
+            part = slice(s, s + POINTS_PER_BLOCK)
+            h = (h_xy.index_select(0, at_xy[part]) + h_xz.index_select(0, at_xz[part])) + \
+                h_yz.index_select(0, at_yz[part])
+            density[s:s + len(h)] = padded_rows(lambda x: self.activate_density(
+                (hidden(x) * last.weight[0]).sum(-1) + last.bias[0]), h)
+        return density
+
+    def _yz_layer(self, q: torch.Tensor, w, bias) -> torch.Tensor:
+        """The (y, z) plane's first-layer term on the whole R×R grid (+ the bias), kept for the grid's
+        next calls: every slice needs it (R=1024: 256 MB with 64 neurons)."""
+        key = (len(q), q.device)
+        if getattr(self, "_yz_cache", (None,))[0] != key:
+            p, feats = self._sample_axes((1, 2), q, q)
+            self._yz_cache = (key, padded_rows(lambda x: x @ w[p].T, feats) + bias)
+        return self._yz_cache[1]
+
+    def forget_grid(self) -> None:
+        """Free what :meth:`grid_density_where` keeps between calls (the surface is extracted)."""
+        self.__dict__.pop("_yz_cache", None)
+
+
+def padded_rows(fn, x: torch.Tensor) -> torch.Tensor:
+    """``fn`` (row-wise: matrix products, activations) on x (..., K) as one matrix whose row count is padded
+    to a multiple of ROW_MULTIPLE. A ragged tail of rows can take another kernel path and round differently;
+    padded, each row's value does not depend on how the points were batched."""
+    rows = x.reshape(-1, x.shape[-1])
+    n = len(rows)
+    if n % ROW_MULTIPLE:
+        rows = F.pad(rows, (0, 0, 0, ROW_MULTIPLE - n % ROW_MULTIPLE))
+    out = fn(rows)[:n]
+    return out.reshape(*x.shape[:-1], *out.shape[1:])

@@ -195,7 +195,7 @@ class TripoSR(SingleImageModel, nn.Module):
 
     def mesh_from(self, planes: torch.Tensor, options, stages) -> Mesh:
         vertices, faces, colors = surface.colored_surface(self.field(planes), int(options.resolution),
-                                                          float(options.threshold), stages)
+                                                          float(options.threshold), stages, dense=options.dense)
         return Mesh(to_blender_frame(vertices), faces, colors,
                     stats={"threshold": float(options.threshold), "resolution": int(options.resolution)})
 

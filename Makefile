@@ -1,6 +1,6 @@
 # Image to 3D: set-up, tests, the extension package and the demo. Needs Python 3.11 (the worker, bpy 4.2 and
 # 4.5) and Python 3.13 (bpy 5.2: PYTHON313=..., else python3.13 on PATH, else pyenv's newest 3.13).
-#   make venv       backend environment (.venv: torch CPU + backend and test requirements)
+#   make venv       backend environment (.venv: torch CPU + backend, Ray extra and test requirements)
 #   make test       plain pytest suite, then the bpy suites under Blender 4.2, 4.5 and 5.2 LTS (each its own
 #                   venv and process). Without Python 3.13 it warns that 5.2 was not tested and fails, unless
 #                   ALLOW_MISSING_BLENDER=1 (then it still warns)
@@ -37,10 +37,10 @@ venv-bpy42: .venv-bpy42/.installed
 venv-bpy45: .venv-bpy45/.installed
 venv-bpy52: .venv-bpy52/.installed
 
-.venv/.installed: backend/requirements.txt requirements-test.txt
+.venv/.installed: backend/requirements.txt backend/requirements-ray.txt requirements-test.txt
 	test -x .venv/bin/python || $(PYTHON) -m venv .venv
 	.venv/bin/pip install --quiet torch==$(TORCH_VERSION)
-	.venv/bin/pip install --quiet -r backend/requirements.txt -r requirements-test.txt
+	.venv/bin/pip install --quiet -r backend/requirements.txt -r backend/requirements-ray.txt -r -r requirements-test.txt
 	touch $@
 
 .venv-bpy42/.installed:

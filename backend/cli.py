@@ -1,34 +1,49 @@
 """Command line: ``python -m backend generate IMAGE -o OUT.{glb,ply,obj,npz}`` (InstantMesh: also
-``generate --views GRID.png``, a ready-made six-view grid); ``check`` (the environment as
-JSON), ``install`` (a managed environment), ``serve`` (the worker Blender talks to).
+``generate --views GRID.png``, a ready-made six-view grid); a batch: ``generate A.png B.jpg refs/
+'shots/*.png' -o OUT/ [--format glb|obj|ply|npz]``, in this process or on a Ray cluster (``--ray ADDRESS``);
+``check`` (the environment as JSON), ``install`` (a managed environment), ``download`` (a model's files),
+``serve`` (the worker Blender talks to).
 
 Exit status: 0 success, 2 bad input, 3 missing or invalid weights, 4 weights licence not accepted
-(``--accept-licence``), 1 anything else.
+(``--accept-licence``), 5 a batch in which some images failed (each one reported; the others were written),
+130 interrupted (Ctrl+C), 1 anything else. A batch that cannot start at all (its options, the weights, the
+licence) exits 2, 3 or 4 as a single run does.
 A failed run leaves no output file behind (outputs are written under a temporary name, then renamed).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 import time
 import traceback
 from pathlib import Path
 
-from .errors import BackendError, InputError
+from . import batch
+from .errors import BackendError, InputError, WeightsError
 
-# Only generate needs numpy/torch; check and install must run in a bare Python.
+# Only generate needs numpy/torch; check and install must run in a bare Python (batch imports the stdlib only).
+OFFLINE_ENVIRONMENT = {"HF_HUB_OFFLINE": "1", "IMAGE_TO_3D_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m backend", description="Image to 3D backend")
     sub = p.add_subparsers(dest="command", required=True)
-    g = sub.add_parser("generate", help="reconstruct a coloured (or textured) mesh from one image")
-    g.add_argument("input", nargs="?",
+    g = sub.add_parser("generate", help="reconstruct a coloured (or textured) mesh from one image, or from many",
+                       epilog=f"Exit status: 0 done, 2 bad input, 3 missing or invalid weights, 4 licence not "
+                              f"accepted, {batch.SOME_FAILED} a batch in which some images failed (reported; the "
+                              f"others written), 130 interrupted, 1 anything else.")
+    g.add_argument("input", nargs="*", metavar="INPUT",
                    help="image file (PNG/JPEG/WebP/TIFF...; RGBA with transparency skips background removal); "
-                        "leave out with --views")
-    g.add_argument("-o", "--output", required=True, help="output mesh, by extension: .glb .ply .obj .npz")
+                        "several, a folder (the images in it) or a quoted pattern ('shots/*.png', '**' recurses) "
+                        "make a batch; leave out with --views")
+    g.add_argument("-o", "--output", required=True,
+                   help="output mesh, by extension: .glb .ply .obj .npz; for a batch a folder (ending in /, made if "
+                        "missing) that gets OUT/<stem>.<format> per image, a repeated stem numbered <stem>-2, "
+                        "<stem>-3... in input order")
     g.add_argument("--model", default="triposr",
                    help="model id: triposr, openlrm-{obj,mix}-{small,base,large} or openlrm-{small,base,large} "
                         "(the mix weights), instantmesh-{large,base} (default: triposr)")
@@ -69,8 +84,24 @@ def _parser() -> argparse.ArgumentParser:
                    help="do not run background removal (an opaque image is used as given)")
     g.add_argument("--u2net", metavar="FILE", help="background-removal model file (default ~/.u2net/u2net.onnx)")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
-    g.add_argument("--json", action="store_true", help="print one JSON summary on stdout")
+    g.add_argument("--offline", action="store_true",
+                   help="never connect (as download --offline): missing files are named, with where to put them")
+    g.add_argument("--json", action="store_true",
+                   help="print one JSON summary on stdout; a batch: one line per image (event result, skipped or "
+                        "error), then one summary line")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress on stderr")
+    b = g.add_argument_group("batch (several inputs, a folder or a pattern, or -o ending in /)")
+    b.add_argument("--format", choices=batch.FORMATS, help="the batch's output format (default glb)")
+    b.add_argument("--skip-existing", action="store_true",
+                   help="leave out images whose output is already there: run the same command again to resume an "
+                        "interrupted batch (Ctrl+C finishes the image in hand; twice stops at once; only complete "
+                        "files are ever left)")
+    b.add_argument("--ray", metavar="ADDRESS",
+                   help="run the batch on a Ray cluster: auto (the cluster this machine is in), local (this machine "
+                        "alone) or ray://HOST:PORT; one worker per GPU keeps the model loaded; the weights must be "
+                        "readable on every node. Needs backend/requirements-ray.txt")
+    b.add_argument("--ray-cpus", type=int, default=4, metavar="N",
+                   help="on a cluster without GPUs, one worker per N CPUs (default 4)")
     sub.add_parser("serve", help="run the worker that Blender talks to (JSON lines on stdin/stdout)",
                    add_help=False)
     sub.add_parser("check", help="print what this Python has (torch, devices, packages) as JSON")
@@ -191,34 +222,66 @@ def _progress_printer(quiet: bool):
     return show
 
 
-def _generate(args) -> int:
+def _options(args):
     from .pipeline import Options
 
+    return Options(model=args.model, weights=args.weights, resolution=args.resolution, threshold=args.threshold,
+                   foreground_ratio=args.foreground_ratio, remove_background=args.remove_background,
+                   device=args.device, u2net_path=args.u2net, source_size=args.source_size, views=args.views,
+                   save_views=args.save_views, steps=args.steps, guidance=args.guidance, seed=args.seed,
+                   faces=args.faces, quads=args.quads, texture=args.texture, dense=args.dense)
+
+
+def _is_batch(args) -> bool:
+    out = args.output
+    return (len(args.input) > 1 or out.endswith(("/", os.sep)) or Path(out).is_dir() or args.ray is not None
+            or any(Path(i).is_dir() or (not Path(i).exists() and batch.has_wildcards(i)) for i in args.input))
+
+
+def _check_weights_offline(args) -> None:
+    """Offline, weights that are not here stop the run before anything else, saying so (nothing is fetched)."""
+    from .models import registry
+
+    try:
+        registry.find_folder(registry.get(args.model), args.weights, views_only=args.views is not None)
+    except WeightsError as e:
+        raise WeightsError(f"{e.message}; online access is off (--offline): nothing is downloaded", e.hint) from None
+
+
+def _generate(args) -> int:
+    if args.offline:  # for every library in this process (and the Ray workers, which get these variables)
+        os.environ.update(OFFLINE_ENVIRONMENT)
+    if _is_batch(args):
+        return _generate_batch(args)
     from . import mesh as meshio
 
     output = Path(args.output)
+    image = args.input[0] if args.input else None
     started = time.perf_counter()
     try:
         if output.suffix.lower() not in meshio.FORMATS:
             raise InputError(f"unsupported output format {output.suffix or '(none)'!r}; "
                              f"use one of {', '.join(meshio.FORMATS)}")
+        if args.format and output.suffix.lower() != f".{args.format}":
+            raise InputError(f"--format {args.format} does not match -o {output}: a single output's extension "
+                             f"is its format (for a batch, end -o with /)")
         if not output.parent.resolve().is_dir():
             raise InputError(f"output folder does not exist: {output.parent}")
+        if args.skip_existing and output.exists():
+            print(f"skipped: {output} exists", file=sys.stderr)
+            if args.json:
+                print(json.dumps({"ok": True, "output": str(output), "skipped": True}))
+            return 0
         from .models import registry
 
         _accept_licence(registry.get(args.model), args.accept_licence)
-        options = Options(model=args.model, weights=args.weights, resolution=args.resolution,
-                          threshold=args.threshold, foreground_ratio=args.foreground_ratio,
-                          remove_background=args.remove_background, device=args.device, u2net_path=args.u2net,
-                          source_size=args.source_size, views=args.views, save_views=args.save_views,
-                          steps=args.steps, guidance=args.guidance, seed=args.seed, faces=args.faces,
-                          quads=args.quads, texture=args.texture, dense=args.dense)
+        if args.offline:
+            _check_weights_offline(args)
+        options = _options(args)
         from .pipeline import generate
 
-        mesh = generate(args.input, options, progress=_progress_printer(args.quiet or args.json))
-        if args.input and Path(args.input).resolve() in {p.resolve() for p in meshio.output_files(mesh, output)}:
-            raise InputError(f"writing {output} would overwrite the input image {args.input}")
-        meshio.save(mesh, output)
+        mesh = generate(image, options, progress=_progress_printer(args.quiet or args.json))
+        fields = batch.save_mesh(mesh, output, [image] if image else [])
     except BackendError as e:
         return _fail(args, e.exit_status, e.to_dict())
     except KeyboardInterrupt:
@@ -228,10 +291,7 @@ def _generate(args) -> int:
         return _fail(args, 1, {"code": "internal", "message": f"{type(e).__name__}: {e}", "hint": ""})
     summary = {
         "ok": True,
-        "output": str(output),
-        "vertices": int(len(mesh.vertices)),
-        "faces": int(len(mesh.faces)),
-        **mesh.stats,
+        **fields,
         "total_seconds": round(time.perf_counter() - started, 3),
         "peak_rss_mb": round(peak_rss_mb(), 1),
     }
@@ -243,6 +303,59 @@ def _generate(args) -> int:
         for note in summary.get("notes", ()):
             print(f"note: {note}", file=sys.stderr)
     return 0
+
+
+def _batch_folder(args) -> Path:
+    out = args.output
+    folder = Path(out)
+    if not (out.endswith(("/", os.sep)) or folder.is_dir()):
+        if folder.suffix.lower().lstrip(".") in batch.FORMATS:
+            raise InputError(f"a batch writes one file per image into a folder, and -o {out} names a file",
+                             hint=f"End -o with / (-o {folder.with_suffix('')}/) and choose the format with "
+                                  f"--format {folder.suffix.lower().lstrip('.')}.")
+        if folder.exists():
+            raise InputError(f"-o {out} is a file, not a folder for the batch's outputs")
+    return folder
+
+
+def _generate_batch(args) -> int:
+    """Many images, the model loaded once: here, or on a Ray cluster with --ray (see backend/batch.py)."""
+    report = batch.Report(0, args.json, args.quiet)
+    try:
+        folder = _batch_folder(args)
+        if args.ray_cpus < 1:
+            raise InputError(f"--ray-cpus must be at least 1, got {args.ray_cpus}")
+        if args.views or args.save_views:
+            raise InputError("--views and --save-views name one file: they are for a single run, not a batch")
+        items = batch.plan(args.input, folder, args.format or "glb")
+        report.total = len(items)
+        options = _options(args)
+        batch.check_options(options, here=args.ray is None)  # a cluster's GPUs are on its nodes, not here
+        from .models import registry
+
+        _accept_licence(registry.get(args.model), args.accept_licence)
+        if args.offline and args.ray is None:  # on a cluster, the weights are looked for on the nodes
+            _check_weights_offline(args)
+        folder.mkdir(parents=True, exist_ok=True)
+        # stdout carries the JSON lines alone: what libraries print (Ray's messages among them) goes to stderr.
+        with contextlib.redirect_stdout(sys.stderr), batch.StopAfterCurrent() as stop:
+            if args.ray is None:
+                return batch.run_local(items, options, report, stop, args.skip_existing)
+            from . import ray_batch
+
+            options.accept_licence = True  # accepted here (or not needed): the nodes take the driver's word
+            return ray_batch.run(items, options, report, stop, args.ray, args.ray_cpus, args.skip_existing)
+    except BackendError as e:  # nothing could start (or, on a cluster, no worker could)
+        status, error = e.exit_status, e.to_dict()
+    except KeyboardInterrupt:
+        report.interrupted = True
+        return report.summary()
+    except Exception as e:  # a bug or an unforeseen failure: say so, keep the traceback for reports
+        traceback.print_exc(file=sys.stderr)
+        status, error = 1, {"code": "internal", "message": f"{type(e).__name__}: {e}", "hint": ""}
+    _fail(None, status, error)
+    report.line(event="error", **error)
+    return report.summary(status, started=False)
 
 
 def _fail(args, status: int, error: dict) -> int:

@@ -57,6 +57,9 @@ KNOWN_GAPS = {}
 for _python in PYTHONS:
     KNOWN_GAPS[("onnxruntime", "macos-arm64", _python)] = (
         "onnxruntime>=1.23.2 has Apple Silicon wheels for macOS 13+ only; Blender itself runs from macOS 11.2")
+    KNOWN_GAPS[("ray", "macos-arm64", _python)] = (
+        "ray 2.60.0 (backend/requirements-ray.txt, the optional --ray extra) has Apple Silicon wheels for macOS 12+ "
+        "only; Blender itself runs from macOS 11.2")
 
 
 def _requirements() -> list:
@@ -162,6 +165,7 @@ def test_wheel_matching_follows_pips_rules():
 
 def test_requirement_files_are_found():
     assert ROOT / "backend" / "requirements.txt" in REQUIREMENT_FILES
+    assert ROOT / "backend" / "requirements-ray.txt" in REQUIREMENT_FILES  # the optional --ray extra
     names = {r.name.lower() for r in _requirements()}
     assert "numpy" in names and "torch" not in names
 

@@ -37,10 +37,10 @@ venv-bpy42: .venv-bpy42/.installed
 venv-bpy45: .venv-bpy45/.installed
 venv-bpy52: .venv-bpy52/.installed
 
-.venv/.installed: backend/requirements.txt backend/requirements-ray.txt requirements-test.txt
+.venv/.installed: backend/requirements.txt backend/requirements-ray.txt backend/requirements-serve.txt requirements-test.txt
 	test -x .venv/bin/python || $(PYTHON) -m venv .venv
 	.venv/bin/pip install --quiet torch==$(TORCH_VERSION)
-	.venv/bin/pip install --quiet -r backend/requirements.txt -r backend/requirements-ray.txt -r -r requirements-test.txt
+	.venv/bin/pip install --quiet -r backend/requirements.txt -r backend/requirements-ray.txt -r backend/requirements-serve.txt -r requirements-test.txt
 	touch $@
 
 .venv-bpy42/.installed:

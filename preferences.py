@@ -1,5 +1,5 @@
-"""Add-on preferences: the backend environment (state, install, use an existing Python), the models
-(where they are, downloads, licences), the default device."""
+"""Add-on preferences: the backend (Local: its environment's state, install, use an existing Python; or Remote: a
+shared GPU server's URL and token), the models (where they are, downloads, licences), the default device."""
 
 import os
 
@@ -7,7 +7,14 @@ import bpy
 from bpy.props import EnumProperty, StringProperty
 
 from . import catalog, environment, session
+from .backend.client import health_summary, server_url
 from .backend.hub import human_size
+
+BACKEND_ITEMS = (
+    ("LOCAL", "Local", "Run the models on this computer, in a backend process of their own"),
+    ("REMOTE", "Remote", "Send the jobs to a shared GPU server (python -m backend cluster-serve): Generate 3D, "
+                         "progress, Cancel and errors as locally. Needs Allow Online Access"),
+)
 
 DEVICE_ITEMS = (
     ("auto", "Auto", "CUDA if available, then Apple Metal, then the CPU"),
@@ -105,6 +112,16 @@ class ImageTo3DPreferences(bpy.types.AddonPreferences):
         name="PyTorch Index URL",
         description="Package index for PyTorch. Empty: PyTorch's own index for the chosen build; 'pip': pip's "
                     "own configuration", default="")
+    backend: EnumProperty(name="Backend", description="Where the models run", items=BACKEND_ITEMS, default="LOCAL")
+    server_url: StringProperty(
+        name="Server URL",
+        description="The shared server's address, as cluster-serve printed it (e.g. http://gpu-box:8765, or "
+                    "https://... behind a TLS reverse proxy)", default="")
+    server_token: StringProperty(
+        name="Token",
+        description="The shared server's token (printed on its first start, kept in its token file). Sent with each "
+                    "request (Authorization: Bearer), never on a command line",
+        subtype="PASSWORD", default="")
     hf_token: StringProperty(
         name="Access Token",
         description="Hugging Face access token, for gated model repositories (optional). Given to the download "
@@ -120,6 +137,10 @@ class ImageTo3DPreferences(bpy.types.AddonPreferences):
 
 
 def draw_backend(prefs, box, context):
+    box.row().prop(prefs, "backend", expand=True)
+    if prefs.backend == "REMOTE":
+        draw_remote(prefs, box)
+        return
     box.label(text="Backend Environment", icon="CONSOLE")
     box.prop(prefs, "backend_python")
     python = backend_python(context)
@@ -151,6 +172,28 @@ def draw_backend(prefs, box, context):
     col.prop(prefs, "package_index_url")
     col.prop(prefs, "torch_index_url")
     col.label(text=f"Installs into {environment.backend_env_dir()}")
+
+
+def draw_remote(prefs, box):
+    """The shared server: where it is, the token, and what Check found it offers."""
+    box.label(text="Shared GPU Server", icon="NETWORK_DRIVE")
+    col = box.column()
+    col.active = environment.online()
+    col.prop(prefs, "server_url")
+    col.prop(prefs, "server_token")
+    problem = remote_problem(prefs)
+    check = remote_check(prefs.server_url)
+    if problem:
+        wrapped(box, problem, icon="INTERNET_OFFLINE" if not environment.online() else "ERROR")
+    elif environment.running("check"):
+        box.label(text="Asking the server…", icon="SORTTIME")
+    elif check is None:
+        box.label(text="Not checked yet: click Check", icon="QUESTION")
+    else:
+        wrapped(box, check["line"], icon=LEVEL_ICONS[check["level"]])
+        for line in check["todo"]:
+            wrapped(box, line, icon="BLANK1")
+    box.operator("image_to_3d.check_backend", icon="FILE_REFRESH")
 
 
 def draw_models(prefs, box, context):
@@ -192,6 +235,62 @@ def draw_models(prefs, box, context):
             op.model = model_id
         draw_outcome(col, key)
     box.prop(prefs, "hf_token")
+
+
+def uses_remote(context=None) -> bool:
+    prefs = get(context)
+    return prefs is not None and prefs.backend == "REMOTE"
+
+
+def remote_problem(prefs) -> str:
+    """Why the Remote backend cannot be used now ('' when it can)."""
+    if not environment.online():
+        return environment.offline_reason().replace("downloads are disabled", "the Remote backend is disabled")
+    if not prefs.server_url.strip():
+        return "Set the Server URL of the shared GPU server (Preferences › Add-ons › Image to 3D › Backend)"
+    try:
+        server_url(prefs.server_url)
+    except ValueError as e:
+        return str(e)
+    return ""
+
+
+def remote_server(context=None) -> tuple | None:
+    """(url, token) of the shared server when the Remote backend is chosen, else None (the local worker)."""
+    prefs = get(context)
+    if prefs is None or prefs.backend != "REMOTE":
+        return None
+    return prefs.server_url.strip(), prefs.server_token.strip()
+
+
+def backend_problem(context) -> str:
+    """Why no job can be sent to the backend now ('' when one can): a Remote backend needs its URL and online
+    access, the Local one its Python."""
+    prefs = get(context)
+    if prefs is not None and prefs.backend == "REMOTE":
+        return remote_problem(prefs)
+    python = backend_python(context)
+    if not python:
+        return "Set up the backend first: Install Backend or Use Existing Python, in the add-on preferences"
+    if not os.path.isfile(python):
+        return f"Backend Python not found: {python}"
+    return ""
+
+
+def remote_check_key(url: str) -> str:
+    return f"remote:{url.strip().rstrip('/')}"
+
+
+def remote_check(url: str) -> dict | None:
+    """What the last Check found at ``url``: {"level", "line", "todo", "report"} (environment.CHECKS)."""
+    return environment.CHECKS.get(remote_check_key(url))
+
+
+def record_remote_check(url: str, task) -> dict:
+    report = (task.result or {}).get("health") if task.state == "done" else None
+    level, line, todo = health_summary(report, task.error)
+    environment.CHECKS[remote_check_key(url)] = {"level": level, "line": line, "todo": todo, "report": report}
+    return environment.CHECKS[remote_check_key(url)]
 
 
 def get(context=None):

@@ -104,6 +104,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="on a cluster without GPUs, one worker per N CPUs (default 4)")
     sub.add_parser("serve", help="run the worker that Blender talks to (JSON lines on stdin/stdout)",
                    add_help=False)
+    sub.add_parser("cluster-serve", help="a shared GPU server for Blender's Remote backend, on Ray Serve", add_help=False)
     sub.add_parser("check", help="print what this Python has (torch, devices, packages) as JSON")
     d = sub.add_parser("download", help="download a model's files into the model store, verified")
     d.add_argument("--model", required=True, help="model id, or u2net (background removal)")
@@ -130,6 +131,10 @@ def main(argv=None) -> int:
         from . import worker
 
         return worker.main(argv[1:])
+    if argv[:1] == ["cluster-serve"]:
+        from . import cluster_serve
+
+        return cluster_serve.main(argv[1:])
     args = _parser().parse_args(argv)
     return {"generate": _generate, "check": _check, "install": _install, "download": _download}[args.command](args)
 

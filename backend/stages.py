@@ -15,5 +15,6 @@ COLOR = "colouring"
 REDUCE = "reducing"  # also the quad remeshing
 UNWRAP = "unwrapping"
 BAKE = "baking_texture"
+QUEUED = "waiting_in_queue"  # a shared server (cluster-serve) whose GPUs are all busy: the message says the place
 
-ALL = (BACKGROUND, LOAD, VIEWS, ENCODE, TRIPLANE, FIELD, SURFACE, COLOR, REDUCE, UNWRAP, BAKE)
+ALL = (BACKGROUND, LOAD, VIEWS, ENCODE, TRIPLANE, FIELD, SURFACE, COLOR, REDUCE, UNWRAP, BAKE, QUEUED)

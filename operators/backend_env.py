@@ -1,7 +1,8 @@
 """The backend environment from the preferences: Check, Install Backend, Use Existing Python, Cancel.
 
 Each runs ``python -m backend ...`` as a background task (``environment.TASKS``) followed by a timer; in
-background mode (scripts, tests) the operator waits for it instead.
+background mode (scripts, tests) the operator waits for it instead. With the Remote backend, Check asks the
+shared server's ``/health`` instead, from a process of Blender's own Python (stdlib only: backend/client.py).
 """
 
 import os
@@ -10,6 +11,10 @@ import bpy
 from bpy.props import BoolProperty, StringProperty
 
 from .. import environment, preferences
+from ..backend.client import EXTENSION_ROOT, TOKEN_ENV, default_env
+from ..core.tasks import Task
+
+REMOTE_CHECK_TIMEOUT_S = 30.0
 
 ASYNC = BoolProperty(name="Return at Once", default=False, options={"HIDDEN", "SKIP_SAVE"},
                      description="In background mode, return while the task runs (the caller drives the timer)")
@@ -31,8 +36,22 @@ def start_check(python: str, prefs, key: str = "check", on_done=None, block: boo
     return environment.start(key, task, done, block=block)
 
 
+def start_remote_check(prefs, block: bool = False):
+    """Ask the shared server at the Server URL what it offers (and whether it takes the token); the summary lands in
+    environment.CHECKS (preferences.remote_check)."""
+    url = prefs.server_url.strip()
+    env = default_env(EXTENSION_ROOT)
+    env.pop(TOKEN_ENV, None)
+    if prefs.server_token.strip():
+        env[TOKEN_ENV] = prefs.server_token.strip()  # in the environment, never on a command line
+    task = Task("check", [environment.blender_python(), "-m", "backend.client", "health", url],
+                cwd=str(EXTENSION_ROOT), env=env, timeout=REMOTE_CHECK_TIMEOUT_S, key="check")
+    return environment.start("check", task, lambda done: preferences.record_remote_check(url, done), block=block)
+
+
 class IMAGE_TO_3D_OT_check_backend(bpy.types.Operator):
-    """Ask the backend Python what it has: torch, the device, GPU memory, missing packages"""
+    """Ask the backend what it has: the backend Python's torch, device, GPU memory and missing packages; or the \
+shared server's models, GPUs and queue"""
 
     bl_idname = "image_to_3d.check_backend"
     bl_label = "Check"
@@ -46,12 +65,25 @@ class IMAGE_TO_3D_OT_check_backend(bpy.types.Operator):
         if environment.running("check") or environment.running("use_existing"):
             cls.poll_message_set("A check is running")
             return False
+        if preferences.uses_remote(context):
+            problem = preferences.remote_problem(preferences.get(context))
+            if problem:
+                cls.poll_message_set(problem)
+            return not problem
         if not python or not os.path.isfile(python):
             cls.poll_message_set("Set the backend Python first (or click Install Backend)")
             return False
         return True
 
     def execute(self, context):
+        if preferences.uses_remote(context):
+            prefs = preferences.get(context)
+            task = start_remote_check(prefs, block=blocking(self))
+            if task.finished:
+                summary = preferences.remote_check(prefs.server_url)
+                self.report({"INFO"} if summary["level"] != "ERROR" else {"WARNING"},
+                            " ".join([summary["line"], *summary["todo"]]))
+            return {"FINISHED"}
         python = preferences.backend_python(context)
         task = start_check(python, preferences.get(context), block=blocking(self))
         if task.finished:

@@ -138,12 +138,7 @@ def backend_problem(context) -> str:
         return "No scene"
     if session.is_busy() or batch.running():
         return "A generation is already running"
-    python = preferences.backend_python(context)
-    if not python:
-        return "Set up the backend first: Install Backend or Use Existing Python, in the add-on preferences"
-    if not os.path.isfile(python):
-        return f"Backend Python not found: {python}"
-    return ""
+    return preferences.backend_problem(context)  # Local: its Python; Remote: the server's URL, online access
 
 
 def licence_problem(model_id: str) -> str:
@@ -278,8 +273,8 @@ def start_job(scene, view_layer, submit, info: dict):
     context = bpy.context
     staging = None
     try:
-        worker = session.worker_for(preferences.backend_python(context), temp_root(),
-                                    env=environment.process_env(preferences.get(context)))
+        worker = session.backend_for(preferences.remote_server(context), preferences.backend_python(context),
+                                     temp_root(), env=environment.process_env(preferences.get(context)))
         os.makedirs(worker.temp_dir, exist_ok=True)
         staging = tempfile.mkdtemp(prefix="input-", dir=worker.temp_dir)
         job = submit(worker, staging)

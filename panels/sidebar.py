@@ -18,6 +18,7 @@ STAGE_LABELS = {
     stages.REDUCE: "Reducing",
     stages.UNWRAP: "Unwrapping",
     stages.BAKE: "Baking texture",
+    stages.QUEUED: "Waiting for the server",
 }
 
 
@@ -82,7 +83,7 @@ def draw_outcome(layout, settings, context):
         layout.label(text=settings.last_info, icon="INFO")
     for note in settings.last_notes.splitlines():  # what post-processing did or fell back from
         wrapped(layout, note, icon="INFO")
-    if not preferences.backend_python(context):
+    if not preferences.backend_python(context) and not preferences.uses_remote(context):
         box = layout.box()
         box.label(text="No backend Python set", icon="ERROR")
         box.label(text="See Preferences › Add-ons › Image to 3D")
@@ -159,6 +160,8 @@ def runs_on_cpu(settings, context) -> bool:
     """Whether the job will run on the CPU, as far as the settings and the last environment check say."""
     prefs = preferences.get(context)
     device = settings.device if settings.device != "DEFAULT" else (prefs.device if prefs else "auto")
+    if preferences.uses_remote(context):
+        return False  # the server's device: its GPUs
     if device != "auto":
         return device == "cpu"
     check = environment.check_of(preferences.backend_python(context))

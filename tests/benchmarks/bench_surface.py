@@ -16,6 +16,7 @@ The dense path is skipped above ``--dense-up-to`` (it grows as R³). Not a test:
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -163,15 +164,22 @@ def main() -> int:
     p.add_argument("--grid-only", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--threshold", type=float, default=THRESHOLD, help=argparse.SUPPRESS)
     p.add_argument("--field", choices=sorted(FIELDS), default="triposr")
+    p.add_argument("--threads", type=int, help="torch threads in every measurement (default: torch's own)")
     p.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.threads:
+        os.environ["IMAGE_TO_3D_BENCH_THREADS"] = str(args.threads)  # for the measuring children
     if args.measure:
+        if os.environ.get("IMAGE_TO_3D_BENCH_THREADS"):
+            import torch
+
+            torch.set_num_threads(int(os.environ["IMAGE_TO_3D_BENCH_THREADS"]))
         measure(args.measure, args.resolution[0], args.dense, args.out, args.grid_only, args.threshold)
         return 0
     threshold = FIELDS[args.field]
     field_path = make_field(args.weights, args.cache) if args.field == "triposr" else make_openlrm_field(args.cache)
     for resolution in args.resolution:
-        row = {"field": args.field, "resolution": resolution, "threshold": threshold}
+        row = {"field": args.field, "resolution": resolution, "threshold": threshold, "threads": args.threads}
         fine_npz = args.cache / f"{args.field}-fine{resolution}.npz"
         row["coarse_to_fine"] = run_child(field_path, resolution, False, fine_npz, threshold=threshold)
         if resolution <= args.dense_up_to:

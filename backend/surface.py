@@ -159,7 +159,7 @@ def coarse_to_fine(field, resolution: int, threshold: float, on_fraction=None, s
     along = np.arange(step + 1)
     per_group = max(1, GROUP_POINTS // (step + 1) ** 3)
     device = _mc_device(getattr(field, "device", torch.device("cpu")))  # where the slab is kept
-    shared = None  # (x index, values) of the last slab's last slice: the next slab's first
+    shared = None  # (x index, values, valid columns) of the last slab's last slice: the next slab's first
     progress = 0.0
     while pending.any():
         bx = int(np.flatnonzero(pending.any(axis=(1, 2)))[0])  # lowest slab first; refinement may go back

@@ -165,6 +165,20 @@ class _Transport:
     def poll(self) -> list[dict]:
         raise NotImplementedError
 
+    def _drain(self) -> tuple[list[dict], bool]:
+        """Apply every queued event to the job; never blocks. -> (the events, whether the stream ended)."""
+        seen, ended = [], False
+        while True:
+            try:
+                event = self._events.get_nowait()
+            except queue.Empty:
+                return seen, ended
+            if event is _EOF:
+                ended = True
+                continue
+            seen.append(event)
+            self._apply(event)
+
 
 class Worker(_Transport):
     """A ``python -m backend serve`` subprocess with one job at a time.
@@ -326,18 +340,7 @@ class Worker(_Transport):
 
     def poll(self) -> list[dict]:
         """Apply every event received since the last call to the job; never blocks. Returns the events."""
-        seen = []
-        worker_gone = False
-        while True:
-            try:
-                event = self._events.get_nowait()
-            except queue.Empty:
-                break
-            if event is _EOF:
-                worker_gone = True
-                continue
-            seen.append(event)
-            self._apply(event)
+        seen, worker_gone = self._drain()
         job = self.job
         if job is not None and not job.finished:
             if worker_gone or self._exited_without_eof():
@@ -600,17 +603,7 @@ class RemoteWorker(_Transport):
 
     def poll(self) -> list[dict]:
         """Apply every event received since the last call to the job; never blocks. Returns the events."""
-        seen, ended = [], False
-        while True:
-            try:
-                event = self._events.get_nowait()
-            except queue.Empty:
-                break
-            if event is _EOF:
-                ended = True
-                continue
-            seen.append(event)
-            self._apply(event)
+        seen, ended = self._drain()
         job = self.job
         if job is not None and not job.finished:
             cancelled = job.cancel_requested_at is not None

@@ -55,9 +55,14 @@ def test_triposr_same_as_dense(triposr_field, resolution):
 
 
 def test_triposr_same_as_dense_with_the_blocks_of_high_resolutions(triposr_field):
-    """16-cell blocks, as at R=1024 (coarse_step), on a grid that ends inside a block."""
-    assert surface.coarse_step(1024) == 16 and surface.coarse_step(256) == 4
-    assert_same_as_dense(triposr_field, 121, 25.0, step=16)
+    """32-cell coarse blocks (five halvings), as at R=1024 (coarse_step), on a grid that ends inside a block."""
+    assert [surface.coarse_step(r) for r in (64, 256, 384, 512, 1024)] == [4, 8, 8, 16, 32]
+    assert_same_as_dense(triposr_field, 121, 25.0, step=32)
+
+
+def test_a_coarse_step_that_cannot_be_halved_is_refused(triposr_field):
+    with pytest.raises(ValueError, match="power of two"):
+        surface.coarse_to_fine(triposr_field, 64, 25.0, step=6)
 
 
 @pytest.mark.parametrize("resolution", [64, 100])
@@ -143,6 +148,34 @@ def test_thin_sheet_is_lost_without_the_guard(step):
     assert len(dense_f) > 1000 and len(f) < len(dense_f)
     with pytest.raises(AssertionError):
         assert_same_as_dense(field, RES, 1.0, margin_scale=0.0, step=step)
+
+
+def wobbly_ball():
+    """One smooth closed surface, not aligned with the grid."""
+    def density(x, y, z):
+        r2 = x ** 2 + (1.3 * y) ** 2 + (0.8 * z) ** 2
+        return torch.exp(2.0 * (1 - r2 / 0.6 ** 2) + 0.4 * torch.sin(5 * x) * torch.sin(4 * y + 1) * torch.sin(3 * z))
+
+    return Field(density)
+
+
+def test_the_refinement_check_finds_the_cells_the_halving_misses():
+    """With the margin off, halving keeps only blocks whose corners change sign, which drops the cells the
+    surface merely clips; following crossed faces finds every one of them: the dense mesh."""
+    stats = assert_same_as_dense(wobbly_ball(), RES, 1.0, margin_scale=0.0, step=STEP)
+    assert stats["cells_by_faces"] > 20
+
+
+def test_the_refinement_check_mutation(monkeypatch):
+    """The same without following faces (the cells are only sorted): cells and faces go missing."""
+    def sort_only(sampler, cells, values):
+        order = torch.argsort(surface.linear_index(cells, sampler.resolution))
+        return cells[order], values[order]
+
+    monkeypatch.setattr(surface, "close_over_faces", sort_only)
+    dense_v, dense_f = surface.marching_cubes(wobbly_ball(), RES, 1.0, dense=True)
+    v, f = surface.coarse_to_fine(wobbly_ball(), RES, 1.0, margin_scale=0.0, step=STEP)
+    assert 0 < len(f) < len(dense_f)
 
 
 def test_hundreds_of_specks():

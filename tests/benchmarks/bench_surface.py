@@ -9,7 +9,9 @@ The weights folder is made once with ``../shared/tools/shaped_triposr_ckpt.py DI
 triplanes of ``examples/chair.png`` are computed once and kept with the decoder in ``--cache``; every
 measurement then runs in a fresh process that loads only that field, so its peak RSS is the extraction's
 (plus the field's small baseline, printed as ``baseline_rss_mb``). For each resolution: extraction seconds
-of both paths, their ratio, field evaluations as a fraction of R³, peak RSS, and whether the meshes agree;
+of both paths, their ratio, field evaluations as a fraction of R³ and against the corners of the crossed
+cells (the least any extraction giving this mesh must evaluate), peak RSS, and whether the meshes agree;
+a last line gives how seconds, faces and those corners grow from one resolution to the next;
 ``dense_before`` is the dense path as it was before coarse to fine (the whole-grid ``grid_density``).
 The dense path is skipped above ``--dense-up-to`` (it grows as R³). Not a test: it asserts nothing.
 """
@@ -121,15 +123,28 @@ def measure(field_path: Path, resolution: int, dense: bool, out: Path, grid_only
     if grid_only:
         field = _GridOnly(field)
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    stats = {}
+    stats, crossed = {}, []
+    closing = surface.close_over_faces
+
+    def close_and_keep(*args):  # keeps the crossed cells, to count their corners
+        cells, values = closing(*args)
+        crossed.append(cells)
+        return cells, values
+
+    surface.close_over_faces = close_and_keep
     started = time.perf_counter()
     vertices, faces = surface.marching_cubes(field, resolution, threshold, dense=dense, stats=stats)
     seconds = time.perf_counter() - started
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     np.savez(out, vertices=vertices, faces=faces)
-    print(json.dumps({"seconds": round(seconds, 2), "evaluations_fraction": round(stats["evaluations"] / resolution ** 3, 4),
-                      "blocks": stats["blocks"], "faces": int(len(faces)), "vertices": int(len(vertices)),
-                      "baseline_rss_mb": round(baseline), "peak_rss_mb": round(
-                          resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}))
+    row = {"seconds": round(seconds, 2), "evaluations_fraction": round(stats["evaluations"] / resolution ** 3, 4),
+           "blocks": stats["blocks"], "faces": int(len(faces)), "vertices": int(len(vertices)),
+           "baseline_rss_mb": round(baseline), "peak_rss_mb": round(peak)}
+    if crossed:
+        # The least any extraction giving this mesh must evaluate: every corner of every crossed cell.
+        corners = len(torch.unique(surface.lattice(crossed[0], 1, 2, resolution)))
+        row.update(crossed_cell_corners=corners, evaluations_over_corners=round(stats["evaluations"] / corners, 2))
+    print(json.dumps(row))
 
 
 def run_child(field_path: Path, resolution: int, dense: bool, out: Path, grid_only: bool = False,
@@ -178,6 +193,7 @@ def main() -> int:
         return 0
     threshold = FIELDS[args.field]
     field_path = make_field(args.weights, args.cache) if args.field == "triposr" else make_openlrm_field(args.cache)
+    seconds = {}
     for resolution in args.resolution:
         row = {"field": args.field, "resolution": resolution, "threshold": threshold, "threads": args.threads}
         fine_npz = args.cache / f"{args.field}-fine{resolution}.npz"
@@ -194,6 +210,14 @@ def main() -> int:
             row["speedup_over_before"] = round(row["dense_before"]["seconds"] / row["coarse_to_fine"]["seconds"], 2)
             row["before_vs_coarse_to_fine"] = compare(before_npz, fine_npz)
         print(json.dumps(row), flush=True)
+        seconds[resolution] = row["coarse_to_fine"]
+    # Growth per step of resolution: seconds, and the least evaluations the exact mesh needs.
+    ordered = sorted(seconds)
+    growth = {f"{hi}/{lo}": {key: round(seconds[hi][key] / seconds[lo][key], 2)
+                             for key in ("seconds", "faces", "crossed_cell_corners")}
+              for lo, hi in zip(ordered, ordered[1:])}
+    if growth:
+        print(json.dumps({"field": args.field, "coarse_to_fine_growth": growth}), flush=True)
     return 0
 
 

@@ -14,7 +14,6 @@ import argparse
 import contextlib
 import importlib.util
 import ipaddress
-import logging
 import os
 import signal
 import socket
@@ -31,8 +30,6 @@ DEFAULT_MAX_UPLOAD_MB = 64
 DEFAULT_MAX_QUEUE = 100
 # Passed to every replica (on other nodes too): where the weights, the fields and the licences are, offline mode.
 PASSED_ENVIRONMENT = ("IMAGE_TO_3D_FIELDS",)
-# Without it, Ray gives its processes this machine's network address even for a cluster of one machine.
-LOOPBACK_RAY = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -91,7 +88,7 @@ def main(argv=None) -> int:
               "a TLS reverse proxy on a network you trust (README: A shared GPU server)", file=sys.stderr)
 
     try:
-        with _ray(ray, args.address), _stop_on_sigterm():  # after ray.init, which sets a SIGTERM handler of its own
+        with _ray(args.address), _stop_on_sigterm():  # after ray.init, which sets a SIGTERM handler of its own
             return _serve(ray, serve, args, config, token, origin, created)
     except BackendError as e:
         return _fail(e.exit_status, e.message, e.hint)
@@ -189,6 +186,8 @@ def _check_port_free(host: str, port: int) -> None:
 
 def _require_serve(local: bool):
     if local:  # read when Ray is imported: set before
+        from .ray_batch import LOOPBACK_RAY
+
         os.environ.update(LOOPBACK_RAY)
     if importlib.util.find_spec("ray") is None or importlib.util.find_spec("ray.serve") is None or \
             importlib.util.find_spec("starlette") is None:
@@ -201,28 +200,14 @@ def _require_serve(local: bool):
     return ray, serve
 
 
-@contextlib.contextmanager
-def _ray(ray, address: str | None):
+def _ray(address: str | None):
     """Ray for the server: this machine alone on 127.0.0.1 (ended with the server), or an existing cluster."""
-    from .ray_batch import runtime_env
+    from . import ray_batch
 
-    env = runtime_env()
-    env["env_vars"].update({k: os.environ[k] for k in PASSED_ENVIRONMENT if k in os.environ})
-    options = dict(runtime_env=env, logging_level=logging.WARNING, include_dashboard=False)
-    if address is None:
-        options.update(address="local", _node_ip_address="127.0.0.1")
-    else:
-        options["address"] = address
-    try:
-        ray.init(**options)
-    except (ConnectionError, ValueError, RuntimeError) as e:
-        raise InputError(f"cannot connect to the Ray cluster at {address!r}: {e}",
-                         hint="Start one with `ray start --head` (workers: `ray start --address HEAD:6379`), then run "
-                              "cluster-serve --address auto on the head node") from None
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
+    return ray_batch.connected(
+        address or "local", {k: os.environ[k] for k in PASSED_ENVIRONMENT if k in os.environ},
+        hint="Start one with `ray start --head` (workers: `ray start --address HEAD:6379`), then run "
+             "cluster-serve --address auto on the head node")
 
 
 def _shape(resources: dict, args) -> tuple[int, dict]:

@@ -64,27 +64,36 @@ def runtime_env() -> dict:
     return {"py_modules": [str(Path(__file__).resolve().parent)], "env_vars": env}
 
 
+# Without it, Ray gives its processes this machine's network address even for a cluster of this machine
+# alone (and some of them listen on every interface). Read when Ray is imported.
+LOOPBACK_RAY = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+CLUSTER_HINT = ("Start one with `ray start --head` (workers: `ray start --address HEAD:6379`), then use --ray auto "
+                "on the head node or --ray ray://HEAD:10001 elsewhere; or --ray local for this machine alone.")
+
+
 @contextlib.contextmanager
-def connected(address: str):
-    """Ray initialised for ``address`` (``local``: a cluster of this machine alone, on 127.0.0.1, ended with the
-    run; ``auto`` or ``ray://host:port``: an existing cluster), shut down at the end. A Ray session the caller
-    already started is used as it is."""
+def connected(address: str, env_vars: Optional[dict] = None, hint: str = CLUSTER_HINT):
+    """Ray initialised for ``address`` (``local``: a cluster of this machine alone, everything of it on
+    127.0.0.1, ended with the run; ``auto`` or ``ray://host:port``: an existing cluster), shut down at the
+    end; ``env_vars`` are added to the job's environment on every node. A Ray session the caller already
+    started is used as it is."""
+    if address == "local":
+        os.environ.update(LOOPBACK_RAY)
     ray = require_ray()
     if ray.is_initialized():
         yield ray
         return
-    options = dict(runtime_env=runtime_env(), logging_level=logging.WARNING, log_to_driver=True)
+    env = runtime_env()
+    env["env_vars"].update(env_vars or {})
+    options = dict(runtime_env=env, logging_level=logging.WARNING, log_to_driver=True, include_dashboard=False)
     if address == "local":
-        options.update(address="local", include_dashboard=False, _node_ip_address="127.0.0.1")
+        options.update(address="local", _node_ip_address="127.0.0.1")
     else:
         options["address"] = address
     try:
         ray.init(**options)
     except (ConnectionError, ValueError, RuntimeError) as e:
-        raise InputError(f"cannot connect to the Ray cluster at {address!r}: {e}",
-                         hint="Start one with `ray start --head` (workers: `ray start --address HEAD:6379`), "
-                              "then use --ray auto on the head node or --ray ray://HEAD:10001 elsewhere; "
-                              "or --ray local for this machine alone.") from None
+        raise InputError(f"cannot connect to the Ray cluster at {address!r}: {e}", hint=hint) from None
     try:
         yield ray
     finally:

@@ -1,11 +1,13 @@
 """The batch on a real local Ray cluster (`generate ... -o OUT/ --ray local`, two 1-CPU workers, the tiny model):
-the local batch's names and meshes, a worker killed mid-batch, weights no node can read, Ray not installed.
+the local batch's names and meshes, nothing listening beyond this machine, a worker killed mid-batch, weights
+no node can read, Ray not installed.
 Each run starts and ends its own cluster; afterwards no Ray process of it is left."""
 
 import importlib.util
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -87,13 +89,46 @@ def assert_like_the_local_batch(stdout: str, folder: Path, local: Path) -> None:
         assert_same_mesh(ours.vertices, ours.faces, theirs.vertices, theirs.faces)
 
 
+def listening(processes) -> list:
+    """(pid, local address) of every socket the processes listen on (TCP) or receive on (UDP)."""
+    found = []
+    for process in processes:
+        try:
+            connections = process.net_connections(kind="inet")
+        except (psutil.Error, OSError):
+            continue
+        found += [(process.pid, c.laddr) for c in connections
+                  if c.status == psutil.CONN_LISTEN or (c.type == socket.SOCK_DGRAM and not c.raddr)]
+    return found
+
+
+def beyond_loopback(addresses) -> list:
+    return [(pid, a) for pid, a in addresses if a.ip not in ("127.0.0.1", "::1", "::ffff:127.0.0.1")]
+
+
 @needs_ray
 def test_the_cluster_writes_what_the_local_batch_writes(tmp_path, ray_tmp, local_batch):
+    """... and, while it works, nothing of the cluster listens beyond this machine."""
     proc = start(tmp_path, ray_tmp)
+    sockets, deadline = [], time.monotonic() + 240
+    while not sockets and proc.poll() is None and time.monotonic() < deadline:
+        cluster = [p for p in psutil.process_iter() if _in_cluster(p, ray_tmp)]
+        if any(_is_busy_worker(p) for p in cluster):  # the cluster is up, and working
+            sockets = listening(cluster)
+        time.sleep(0.05)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == batch.SOME_FAILED, err
     assert workers(err) >= 1 and "Ray worker ready on" in err  # a worker still starting may get no image
     assert_like_the_local_batch(out, tmp_path / "ray", local_batch)
+    assert sockets, "the cluster was never seen at work"
+    assert not beyond_loopback(sockets), f"listening beyond this machine: {beyond_loopback(sockets)}"
+
+
+def _is_busy_worker(process) -> bool:
+    try:
+        return process.cmdline()[:1] == ["ray::ReconstructionWorker.reconstruct"]
+    except psutil.Error:
+        return False
 
 
 @needs_ray
@@ -103,13 +138,13 @@ def test_a_worker_killed_mid_batch_is_replaced_and_its_image_sent_again(tmp_path
     deadline = time.monotonic() + 240
     while killed is None and proc.poll() is None and time.monotonic() < deadline:
         for child in psutil.Process(proc.pid).children(recursive=True):
-            try:
-                if child.cmdline()[:1] == ["ray::ReconstructionWorker.reconstruct"]:  # busy with an image
+            if _is_busy_worker(child):  # busy with an image
+                try:
                     child.send_signal(signal.SIGKILL)
-                    killed = child.pid
-                    break
-            except psutil.Error:
-                continue
+                except psutil.Error:
+                    continue
+                killed = child.pid
+                break
         time.sleep(0.02)
     out, err = proc.communicate(timeout=300)
     assert killed, f"no worker was seen at work:\n{err}"

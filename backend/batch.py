@@ -115,10 +115,10 @@ def check_options(options, here: bool = True) -> None:
     the images run in this process) the device."""
     from . import devices
     from .models import registry
-    from .pipeline import _check_model_options
+    from .pipeline import check_model_options
 
     options.validate()
-    _check_model_options(registry.get(options.model), options)
+    check_model_options(registry.get(options.model), options)
     if here:
         devices.resolve(options.device)
 

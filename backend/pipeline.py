@@ -119,7 +119,7 @@ def check_views_image(path: Path) -> None:
                          hint="Use a grid saved by --save-views, or Zero123++ v1.2's output.")
 
 
-def _check_model_options(spec, options: Options) -> None:
+def check_model_options(spec, options: Options) -> None:
     """Options that one kind of model cannot use are refused rather than ignored."""
     drawing = {"--save-views": options.save_views, "--steps": options.steps, "--guidance": options.guidance,
                "--seed": options.seed}
@@ -253,7 +253,7 @@ def _field(image_path: Optional[Path], options: Options, stages: _Stages, model_
     from .models import registry
 
     spec = registry.get(options.model)
-    _check_model_options(spec, options)
+    check_model_options(spec, options)
     licences.ensure_accepted(spec.licence, spec.id, spec.display_name, accept_now=options.accept_licence)
     # A multi-view model's default grid is its config's (spec.default_resolution says what the official one is).
     options = replace(options, resolution=options.resolution or (None if spec.multiview else spec.default_resolution),

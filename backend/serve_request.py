@@ -81,7 +81,7 @@ def parse(body: bytes, served: tuple) -> dict:
 def check_options(options, served: tuple) -> None:
     """The CLI's checks (the same messages), the served models, and nothing the server keeps for itself."""
     from .models import registry
-    from .pipeline import _check_model_options
+    from .pipeline import check_model_options
     from .worker import make_options
 
     if not isinstance(options, dict):
@@ -100,7 +100,7 @@ def check_options(options, served: tuple) -> None:
                              f"{', '.join(served)}", hint="Choose one of those models, or ask the server's operator "
                              "(cluster-serve --models)")
         parsed.validate()
-        _check_model_options(spec, parsed)
+        check_model_options(spec, parsed)
     except BackendError as e:
         raise Refusal.of(e) from None
     except (TypeError, ValueError) as e:  # a value of the wrong type, e.g. "resolution": "high"

@@ -653,8 +653,8 @@ def _write_atomic(path: Path, data: bytes) -> Path:
 
 
 def health(url: str, token: str | None = None, timeout: float = CONNECT_TIMEOUT_S) -> dict:
-    """The server's ``GET /health``: its models, devices (memory) and queue; with ``token``, also whether it is
-    accepted (``"token": "accepted"`` or ``"refused"``). Raises :class:`RemoteError`."""
+    """The server's ``GET /health``: its models, devices (memory) and queue, for a ``token`` it accepts.
+    Raises :class:`RemoteError` (``unauthorized`` when it refuses the token, or there is none)."""
     try:
         parts = server_url(url)
     except ValueError as e:
@@ -673,6 +673,9 @@ def health(url: str, token: str | None = None, timeout: float = CONNECT_TIMEOUT_
         report = json.loads(body)
     except ValueError:
         report = None
+    if response.status == 401 and isinstance(report, dict) and report.get("service") == SERVICE:
+        raise RemoteError("unauthorized", report.get("message") or "The server refused the token",
+                          UNAUTHORIZED_HINT)
     if response.status != 200 or not isinstance(report, dict) or report.get("service") != SERVICE:
         raise RemoteError("not_this_server", f"{url} is not an Image to 3D server (it answered {response.status} "
                           f"{response.reason} to {HEALTH_PATH})", "Check the URL: the address cluster-serve printed")
@@ -702,13 +705,6 @@ def health_summary(report: dict | None, error: dict | None = None) -> tuple[str,
     if not devices:
         level = "WARNING"
         todo.append("No replica has reported yet: the server may still be loading its model")
-    token = report.get("token")
-    if token == "refused":
-        level = "ERROR"
-        todo.append(f"The server refused the token. {UNAUTHORIZED_HINT}")
-    elif token is None:
-        level = "ERROR"
-        todo.append(f"No token set: the server refuses every generation without it. {UNAUTHORIZED_HINT}")
     return level, line, todo
 
 

@@ -236,8 +236,9 @@ class Board:
 # -- the HTTP side -------------------------------------------------------------------------------------------
 
 def _refused(refusal: serve_request.Refusal) -> JSONResponse:
+    """The refusal, naming the service, so that a client told 401 knows it reached this kind of server."""
     headers = {"WWW-Authenticate": "Bearer"} if refusal.status == 401 else None
-    return JSONResponse(refusal.body(), status_code=refusal.status, headers=headers)
+    return JSONResponse({**refusal.body(), "service": SERVICE}, status_code=refusal.status, headers=headers)
 
 
 def _line(event: dict) -> bytes:
@@ -259,6 +260,11 @@ class Ingress:
         self.running = 0
 
     async def __call__(self, request: Request):
+        header = request.headers.get("authorization")
+        if not serve_token.accepts(self.token_digest, header):  # every request, whatever it asks for
+            what = "The server refused the token" if serve_token.presented(header) else \
+                "This server needs a token (Authorization: Bearer TOKEN)"
+            return _refused(serve_request.Refusal(401, "unauthorized", what))
         path = request.url.path.rstrip("/") or "/"
         if path == HEALTH_PATH and request.method in ("GET", "HEAD"):
             return await self._health(request)
@@ -270,25 +276,16 @@ class Ingress:
                                                                 f"{HEALTH_PATH}"))
 
     async def _health(self, request: Request) -> JSONResponse:
-        """The models, the devices and their memory, the queue; nothing else (no names, addresses or versions).
-        A request that shows a token also learns whether it is accepted (as POST /generate would tell it)."""
+        """The models, the devices and their memory, the queue; nothing else (no names, addresses or versions)."""
         try:
             devices = await asyncio.wait_for(self.board.devices.remote(), timeout=REPORT_S)
         except Exception:  # noqa: BLE001 - the Board restarting: no devices to show for now
             devices = []
         body = {"service": SERVICE, "protocol": PROTOCOL, "models": self.models, "devices": devices,
                 "queue": {"waiting": len(self.waiting), "running": self.running}}
-        header = request.headers.get("authorization")
-        if header is not None:
-            body["token"] = "accepted" if serve_token.accepts(self.token_digest, header) else "refused"
         return JSONResponse(body, headers={"Cache-Control": "no-store"})
 
     async def _generate(self, request: Request):
-        header = request.headers.get("authorization")
-        if not serve_token.accepts(self.token_digest, header):
-            what = "The server refused the token" if serve_token.presented(header) else \
-                "This server needs a token (Authorization: Bearer TOKEN)"
-            return _refused(serve_request.Refusal(401, "unauthorized", what))
         try:
             body = await self._body(request)
             job = await asyncio.to_thread(serve_request.parse, body, tuple(self.config["models"]))

@@ -129,13 +129,13 @@ def server():
         assert not alive, f"Ray processes left running: {[(p.pid, _cmdline(p)[:1]) for p in alive]}"
 
 
-def post(server, body: bytes, token=None, headers=None):
-    """A raw POST /generate: (status, headers, the JSON answer or the event lines)."""
+def post(server, body: bytes, token=None, headers=None, method="POST", path="/generate"):
+    """A raw POST /generate (or another request): (status, headers, the JSON answer or the event lines)."""
     connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=120)
     sent = {"Content-Type": "application/json", **(headers or {})}
     if token:
         sent["Authorization"] = f"Bearer {token}"
-    connection.request("POST", "/generate", body=body, headers=sent)
+    connection.request(method, path, body=body, headers=sent)
     response = connection.getresponse()
     data = response.read()
     connection.close()
@@ -224,13 +224,15 @@ def test_bearer_header_is_compared_by_digest():
 
 def test_health_summary_says_what_the_server_offers():
     report = {"service": "image_to_3d", "models": [{"id": "triposr", "name": "TripoSR"}], "queue": {"waiting": 2,
-              "running": 1}, "devices": [{"device": "cuda", "name": "NVIDIA H200", "memory_free_mb": 100 * 1024}] * 2,
-              "token": "accepted"}
+              "running": 1}, "devices": [{"device": "cuda", "name": "NVIDIA H200", "memory_free_mb": 100 * 1024}] * 2}
     level, line, todo = wire.health_summary(report)
     assert level == "OK" and not todo
     assert line == "Server: TripoSR · 2 × NVIDIA H200 (200 GB free) · 1 running, 2 waiting"
-    level, _, todo = wire.health_summary(dict(report, token="refused"))
-    assert level == "ERROR" and "refused the token" in todo[0]
+    level, _, todo = wire.health_summary(dict(report, devices=[]))
+    assert level == "WARNING" and "still be loading" in todo[0]
+    refused = wire.RemoteError("unauthorized", "The server refused the token", wire.UNAUTHORIZED_HINT)
+    assert wire.health_summary(None, refused.to_dict()) == ("ERROR", "The server refused the token",
+                                                            [wire.UNAUTHORIZED_HINT])
 
 
 def test_the_client_checks_the_url_and_keeps_this_machines_options_here(tmp_path):
@@ -292,15 +294,28 @@ def test_the_token_was_made_on_the_first_start_and_shown_once(server):
 
 
 @needs_serve
-def test_health_needs_no_token_and_shows_models_devices_and_queue_only(server):
-    report = wire.health(server.url)
+def test_health_shows_models_devices_and_queue_only(server):
+    report = wire.health(server.url, server.token)
     assert set(report) == {"service", "protocol", "models", "devices", "queue"}
     assert report["models"] == [{"id": "triposr", "name": "TripoSR"}]
     (device,) = report["devices"]
     assert device["device"] == "cpu" and device["memory_total_mb"] >= device["memory_free_mb"] > 0
     assert report["queue"] == {"waiting": 0, "running": 0}
-    assert wire.health(server.url, server.token)["token"] == "accepted"
-    assert wire.health(server.url, "x" * 43)["token"] == "refused"
+
+
+@needs_serve
+def test_every_request_needs_the_token(server):
+    """/health, an unknown path, a wrong method: 401 without the token, before anything else is told."""
+    for token, said in ((None, "needs a token"), ("x" * 43, "refused the token")):
+        with pytest.raises(wire.RemoteError, match=said) as refused:
+            wire.health(server.url, token)
+        assert refused.value.code == "unauthorized" and "Token" in refused.value.hint
+        for method, path in (("GET", "/health"), ("GET", "/nothing-here"), ("GET", "/generate"), ("PUT", "/")):
+            status, response, answer = post(server, b"", token, method=method, path=path)
+            assert status == 401 and response.getheader("WWW-Authenticate") == "Bearer", (method, path)
+            assert answer["code"] == "unauthorized" and answer["service"] == "image_to_3d"
+    status, _, answer = post(server, b"", server.token, method="GET", path="/nothing-here")
+    assert status == 404 and answer["code"] == "not_found"
 
 
 @needs_serve
@@ -338,7 +353,7 @@ def test_wrong_or_missing_token_gets_401_and_nothing_runs(server, tmp_path):
     assert "Token" in job.error["hint"] and not job.job_dir.exists()
     time.sleep(1)
     assert server.replica_log().count(" after ") == jobs_before, "a job ran without the token"
-    assert wire.health(server.url)["queue"] == {"waiting": 0, "running": 0}
+    assert wire.health(server.url, server.token)["queue"] == {"waiting": 0, "running": 0}
 
 
 @needs_serve
@@ -389,7 +404,7 @@ def test_two_clients_with_one_replica_both_finish_one_told_its_place(server, tmp
     assert not job_a.finished, "the first job ended before the second one queued"
     queued = [e for e in waiting if e["event"] == "progress" and e["stage"] == QUEUED]
     assert queued and queued[0]["position"] == 1 and "next in line" in queued[0]["message"]
-    assert wire.health(server.url)["queue"] == {"waiting": 1, "running": 1}
+    assert wire.health(server.url, server.token)["queue"] == {"waiting": 1, "running": 1}
     events_b = waiting + collect(second)
     collect(first)
     assert job_a.state == wire.DONE and job_b.state == wire.DONE, (job_a.error, job_b.error)

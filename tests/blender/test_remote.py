@@ -270,12 +270,15 @@ def test_check_shows_what_the_server_offers(remote, server):
     assert bpy.ops.image_to_3d.check_backend() == {"FINISHED"}
     check = addon_module("preferences").remote_check(server["url"])
     assert check["level"] == "OK", check
-    assert check["line"].startswith("Server: TripoSR · CPU") and check["report"]["token"] == "accepted"
+    assert check["line"].startswith("Server: TripoSR · CPU") and check["report"]["models"][0]["id"] == "triposr"
     assert check["line"] in prefs_text() and "'server_url'" in prefs_text()
-    prefs().server_token = "wrong-token-" + "0" * 24
-    assert bpy.ops.image_to_3d.check_backend() == {"FINISHED"}
-    check = addon_module("preferences").remote_check(server["url"])
-    assert check["level"] == "ERROR" and "refused the token" in check["todo"][0]
+    for token, said in (("wrong-token-" + "0" * 24, "The server refused the token"),
+                        ("", "This server needs a token")):
+        prefs().server_token = token
+        assert bpy.ops.image_to_3d.check_backend() == {"FINISHED"}
+        check = addon_module("preferences").remote_check(server["url"])
+        assert check["level"] == "ERROR" and check["line"].startswith(said) and "Token" in check["todo"][0], check
+        assert check["report"] is None  # nothing of the server is told without the token
 
 
 def test_allow_online_access_off_disables_remote_saying_why(remote):

@@ -2,7 +2,21 @@
 
 import bpy
 
-from .. import session
+from .. import preferences, session
+
+REMOTE = ("The shared server holds the models' memory (it keeps them loaded for every artist): Free Memory is "
+          "for the Local backend")
+
+
+def why_not(context) -> str:
+    """Why Free Memory cannot run now ('' when it can)."""
+    if preferences.uses_remote(context):
+        return REMOTE
+    if session.is_busy():
+        return "Cancel the running generation first"
+    if not session.worker_running():
+        return "The backend is not running"
+    return ""
 
 
 class IMAGE_TO_3D_OT_free_memory(bpy.types.Operator):
@@ -14,13 +28,10 @@ class IMAGE_TO_3D_OT_free_memory(bpy.types.Operator):
 
     @classmethod
     def poll(cls, context):
-        if session.is_busy():
-            cls.poll_message_set("Cancel the running generation first")
-            return False
-        if not session.worker_running():
-            cls.poll_message_set("The backend is not running")
-            return False
-        return True
+        reason = why_not(context)
+        if reason:
+            cls.poll_message_set(reason)
+        return not reason
 
     def execute(self, context):
         session.stop()

@@ -281,6 +281,12 @@ def test_check_shows_what_the_server_offers(remote, server):
         assert check["report"] is None  # nothing of the server is told without the token
 
 
+def test_free_memory_says_the_server_holds_the_memory(remote):
+    assert not bpy.ops.image_to_3d.free_memory.poll()
+    free_memory = addon_module("operators.free_memory")
+    assert free_memory.why_not(bpy.context) == free_memory.REMOTE
+
+
 def test_allow_online_access_off_disables_remote_saying_why(remote):
     bpy.context.preferences.system.use_online_access = False
     reason = "Allow Online Access is off (Preferences › System › Network): the Remote backend is disabled"

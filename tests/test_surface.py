@@ -65,6 +65,17 @@ def test_a_coarse_step_that_cannot_be_halved_is_refused(triposr_field):
         surface.coarse_to_fine(triposr_field, 64, 25.0, step=6)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
+def test_on_cuda_the_same_as_dense_on_cuda():
+    """The whole coarse-to-fine path on the GPU (samples, halving, faces, marching cubes), against the dense
+    path there."""
+    with np.load(TINY / "expected.npz") as e:
+        codes = torch.from_numpy(e["scene_codes"][0]).cuda()
+    field = triposr.load(TINY, torch.device("cuda")).field(codes)
+    stats = assert_same_as_dense(field, 96, 25.0)
+    assert stats["evaluations"] < 96 ** 3
+
+
 @pytest.mark.parametrize("resolution", [64, 100])
 def test_openlrm_same_as_dense(openlrm_field, resolution):
     field, threshold = openlrm_field

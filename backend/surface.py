@@ -6,7 +6,7 @@ Two paths give the same mesh:
   :func:`coarse_step` grid points); the blocks between coarse samples that the surface can pass through are
   halved level by level (each level evaluates the 19 samples between a block's corners and keeps the
   halves that can hold surface) down to single cells, the crossed cells are completed over their faces
-  and triangulated. Cost follows the surface's area, not the volume: about twice the corners of the
+  and triangulated. Cost follows the surface's area, not the volume: 2 to 3 times the corners of the
   crossed cells are evaluated, and memory is those samples, whatever the resolution.
 - **dense** (:func:`dense_marching_cubes`, ``Options.dense``, ``generate --dense``): every grid point, one x
   slice at a time, triangulated in slabs. The comparison, and the fallback.
@@ -270,7 +270,8 @@ def refine(sampler: _Sampler, blocks: torch.Tensor, values: torch.Tensor, margin
         g[:, ::2, ::2, ::2] = corner_values
         g[:, inner] = sampler(lattice(corner, half, 3, r)[:, inner],
                               lambda f, c=c: on_fraction((c + f) / len(chunks)))
-        halves = torch.stack([g[:, i:i + 2, j:j + 2, k:k + 2] for i, j, k in CHILDREN.tolist()], dim=1)
+        # the eight halves' corners (N, 8, 2, 2, 2), halves in CHILDREN's order
+        halves = g.unfold(1, 2, 1).unfold(2, 2, 1).unfold(3, 2, 1).reshape(len(g), 8, 2, 2, 2)
         flat = halves.reshape(len(g), 8, 8)
         keep = (flat <= 0).any(-1) & (flat > 0).any(-1)
         half_margin = margin / MARGIN_SHRINK

@@ -32,3 +32,28 @@ def assert_same_mesh(vertices, faces, ref_vertices, ref_faces):
     gap = max(cKDTree(b).query(a)[0].max(), cKDTree(a).query(b)[0].max())
     assert gap <= 1e-5, f"vertex sets differ by {gap}"
     assert abs(len(faces) - len(ref_faces)) <= 0.005 * len(ref_faces)
+
+
+LOOPBACK = ("127.0.0.1", "::1", "::ffff:127.0.0.1")
+
+
+def listening(processes) -> set:
+    """(pid, local address) of every socket the processes listen on (TCP) or receive on (UDP)."""
+    import socket
+
+    import psutil
+
+    found = set()
+    for process in processes:
+        try:
+            connections = process.net_connections(kind="inet")
+        except (psutil.Error, OSError):
+            continue
+        found.update((process.pid, c.laddr) for c in connections
+                     if c.status == psutil.CONN_LISTEN or (c.type == socket.SOCK_DGRAM and not c.raddr))
+    return found
+
+
+def beyond_loopback(sockets) -> list:
+    """The sockets of :func:`listening` that other machines could reach."""
+    return sorted((pid, addr) for pid, addr in sockets if addr.ip not in LOOPBACK)

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
-from support import ROOT, TINY, assert_same_mesh
+from support import ROOT, TINY, assert_same_mesh, beyond_loopback, listening
 
 from backend import client as wire
 from backend import serve_token
@@ -464,14 +464,6 @@ def test_closing_the_connection_mid_stream_is_a_cancel(server, tmp_path):
 
 @needs_serve
 def test_nothing_of_the_server_listens_beyond_loopback(server):
-    listening = []
-    for process in server.processes():
-        try:
-            connections = process.net_connections(kind="inet")
-        except (psutil.Error, OSError):
-            continue
-        listening += [(process.pid, c.laddr) for c in connections
-                      if c.status == psutil.CONN_LISTEN or (c.type == socket.SOCK_DGRAM and not c.raddr)]
-    assert any(addr.port == server.port for _, addr in listening), "the HTTP port is among them"
-    outside = [(pid, addr) for pid, addr in listening if addr.ip not in ("127.0.0.1", "::1", "::ffff:127.0.0.1")]
-    assert not outside, f"listening beyond this machine: {outside}"
+    sockets = listening(server.processes())
+    assert any(addr.port == server.port for _, addr in sockets), "the HTTP port is among them"
+    assert not beyond_loopback(sockets), f"listening beyond this machine: {beyond_loopback(sockets)}"

@@ -103,6 +103,54 @@ def environment_module():
     return addon_module("environment")
 
 
+def generate_module():
+    return addon_module("operators.generate")
+
+
+def session():
+    return addon_module("session")
+
+
+def leftover_files() -> list:
+    """Files left in the add-on's job folders."""
+    root = generate_module().temp_root()
+    return [os.path.join(d, f) for d, _, files in os.walk(root) for f in files] if os.path.isdir(root) else []
+
+
+def start_async():
+    """Generate 3D as the UI runs it: execute() returns at once, the timer does the rest."""
+    assert bpy.ops.image_to_3d.generate(run_async=True) == {"FINISHED"}
+    gen = generate_module()
+    (job_id,) = gen.TIMERS
+    timer = gen.TIMERS[job_id]
+    assert bpy.app.timers.is_registered(timer)
+    return timer
+
+
+def tick_until(timer, condition=lambda: False, timeout=120):
+    """Drive the timer by hand (timers never fire in bpy-as-module). Returns True if the job ended."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if timer() is None:
+            bpy.app.timers.unregister(timer)
+            return True
+        if condition():
+            return False
+        time.sleep(0.01)
+    raise TimeoutError
+
+
+@pytest.fixture
+def online(addon):
+    """Blender's Allow Online Access on for the test, off again after it."""
+    bpy.context.preferences.system.use_online_access = True
+    assert bpy.app.online_access
+    yield
+    bpy.context.preferences.system.use_online_access = False
+
+
 def drawn_text(draw) -> str:
     """Everything ``draw(owner, context)`` put on a mock layout: the labels' texts (so that wrapped lines read
     as one again), then the calls themselves."""

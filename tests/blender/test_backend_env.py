@@ -45,13 +45,6 @@ def clean(addon):
     env().OUTCOMES.clear()
 
 
-@pytest.fixture
-def online(addon):
-    bpy.context.preferences.system.use_online_access = True
-    yield
-    bpy.context.preferences.system.use_online_access = False
-
-
 def test_check_reports_torch_and_the_device(clean):
     clean.backend_python = str(BACKEND_PYTHON)
     assert "Not checked yet" in prefs_text()

@@ -9,21 +9,13 @@ import bpy
 import numpy as np
 import pytest
 
-from .conftest import INPUT_IMAGE, addon_module, panel_text
+from .conftest import INPUT_IMAGE, addon_module, generate_module, panel_text, session
 
 GAP = 0.1  # operators/batch.py: between two neighbours, as a fraction of the wider one
 
 
-def generate_module():
-    return addon_module("operators.generate")
-
-
 def batch_module():
     return addon_module("operators.batch")
-
-
-def session():
-    return addon_module("session")
 
 
 def image_folder(tmp_path, names, corrupt=()):

@@ -45,14 +45,6 @@ def store(addon):
     env().OUTCOMES.clear()
 
 
-@pytest.fixture
-def online(addon):
-    bpy.context.preferences.system.use_online_access = True
-    assert bpy.app.online_access
-    yield
-    bpy.context.preferences.system.use_online_access = False
-
-
 def test_offline_the_download_button_is_greyed_out_and_starts_nothing(addon, store):
     assert not bpy.app.online_access  # bpy's default, as Blender's until the user allows it
     assert not bpy.ops.image_to_3d.download_model.poll()

@@ -13,17 +13,10 @@ import bpy
 import numpy as np
 import pytest
 
-from .conftest import ADDON, BACKEND_PYTHON, INPUT_IMAGE, ROOT, TINY_MODEL, addon_module
+from .conftest import (ADDON, BACKEND_PYTHON, INPUT_IMAGE, ROOT, TINY_MODEL, generate_module, leftover_files, session,
+                       start_async, tick_until)
 
 SLOW_RESOLUTION = 512  # ~9 s of surface extraction, in chunks: time to cancel or kill mid-job
-
-
-def generate_module():
-    return addon_module("operators.generate")
-
-
-def session():
-    return addon_module("session")
 
 
 def group_alive(pgid) -> bool:
@@ -32,11 +25,6 @@ def group_alive(pgid) -> bool:
         return True
     except ProcessLookupError:
         return False
-
-
-def leftover_files():
-    root = generate_module().temp_root()
-    return [os.path.join(d, f) for d, _, files in os.walk(root) for f in files] if os.path.isdir(root) else []
 
 
 def cli_mesh(tmp_path, resolution=64):
@@ -49,29 +37,6 @@ def cli_mesh(tmp_path, resolution=64):
     assert r.returncode == 0, r.stderr
     with np.load(out) as data:
         return {k: data[k] for k in ("vertices", "faces", "colors")}
-
-
-def start_async():
-    """Generate 3D as the UI runs it: execute() returns at once, the timer does the rest."""
-    assert bpy.ops.image_to_3d.generate(run_async=True) == {"FINISHED"}
-    gen = generate_module()
-    (job_id,) = gen.TIMERS
-    timer = gen.TIMERS[job_id]
-    assert bpy.app.timers.is_registered(timer)
-    return timer
-
-
-def tick_until(timer, condition=lambda: False, timeout=120):
-    """Drive the timer by hand (timers never fire in bpy-as-module). Returns True if the job ended."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if timer() is None:
-            bpy.app.timers.unregister(timer)
-            return True
-        if condition():
-            return False
-        time.sleep(0.01)
-    raise TimeoutError
 
 
 def draw_panel():

@@ -19,7 +19,8 @@ import bpy
 import numpy as np
 import pytest
 
-from .conftest import BACKEND_PYTHON, ROOT, TINY_MODEL, addon_module, panel_text, prefs, prefs_text
+from .conftest import (BACKEND_PYTHON, ROOT, TINY_MODEL, addon_module, generate_module, leftover_files, panel_text,
+                       prefs, prefs_text, session, start_async, tick_until)
 
 TOKEN = "remote-test-token-" + "7" * 24
 SLOW_RESOLUTION = 512  # seconds of surface extraction on the server: time to cancel mid-job
@@ -34,14 +35,6 @@ def _serve_installed() -> bool:
 
 pytestmark = pytest.mark.skipif(not _serve_installed(), reason="Ray Serve is not installed in the backend Python "
                                                              "(pip install -r backend/requirements-serve.txt)")
-
-
-def generate_module():
-    return addon_module("operators.generate")
-
-
-def session():
-    return addon_module("session")
 
 
 def cluster_pids(ray_tmp: Path) -> list[int]:
@@ -124,14 +117,6 @@ def server():
 
 
 @pytest.fixture
-def online(addon):
-    bpy.context.preferences.system.use_online_access = True
-    assert bpy.app.online_access
-    yield
-    bpy.context.preferences.system.use_online_access = False
-
-
-@pytest.fixture
 def remote(settings, server, online):
     """The settings of tests/blender/conftest.py, sent to the server instead of the local worker."""
     p = prefs()
@@ -150,29 +135,6 @@ def mesh_of(obj) -> dict:
     return {"name": obj.name, "co": co.reshape(-1, 3), "rgba": rgba.reshape(-1, 4), "faces": len(mesh.polygons),
             "location": tuple(obj.location), "material": obj.active_material.name.split(".")[0],
             "stored": {k: v for k, v in obj["image_to_3d"].to_dict().items() if k != "field_id"}}
-
-
-def leftover_files():
-    root = generate_module().temp_root()
-    return [os.path.join(d, f) for d, _, files in os.walk(root) for f in files] if os.path.isdir(root) else []
-
-
-def start_async():
-    assert bpy.ops.image_to_3d.generate(run_async=True) == {"FINISHED"}
-    (timer,) = generate_module().TIMERS.values()
-    return timer
-
-
-def tick_until(timer, condition=lambda: False, timeout=180):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if timer() is None:
-            bpy.app.timers.unregister(timer)
-            return True
-        if condition():
-            return False
-        time.sleep(0.01)
-    raise TimeoutError
 
 
 def test_remote_generate_puts_the_object_local_puts(remote):
@@ -222,7 +184,7 @@ def test_remote_progress_and_cancel_as_locally(remote):
     remote.resolution = SLOW_RESOLUTION
     timer = start_async()
     job = session().current_job()
-    tick_until(timer, lambda: job.stage == "extracting_surface")
+    tick_until(timer, lambda: job.stage == "extracting_surface", timeout=180)
     assert not bpy.ops.image_to_3d.generate.poll()
     assert bpy.ops.image_to_3d.cancel() == {"FINISHED"}
     assert tick_until(timer, timeout=30)
@@ -249,7 +211,7 @@ def test_a_job_waiting_for_the_server_shows_its_place(remote, server):
     assert "Waiting for the server" in panel_text() and "next in line" in panel_text()
     other.read()
     other.close()
-    assert tick_until(timer)
+    assert tick_until(timer, timeout=180)
     assert remote.last_error == "" and bpy.context.active_object is not None
 
 

@@ -16,7 +16,7 @@ import bpy
 import numpy as np
 import pytest
 
-from .conftest import addon_module, panel_text
+from .conftest import addon_module, generate_module, panel_text, session
 
 # A hand-made result: a box of 8 vertices, 4 quads and 4 triangles (two sides split), per-corner UVs.
 BOX_VERTICES = np.array([[-1, -1, -2], [1, -1, -2], [1, 1, -2], [-1, 1, -2],
@@ -33,14 +33,6 @@ def box_uvs():
 
 def box_texture(seed=5):
     return np.random.default_rng(seed).integers(0, 256, (TEXTURE_H, TEXTURE_W, 3)).astype(np.uint8)
-
-
-def generate_module():
-    return addon_module("operators.generate")
-
-
-def session():
-    return addon_module("session")
 
 
 class StandInWorker:

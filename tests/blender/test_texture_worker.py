@@ -11,18 +11,10 @@ import bpy
 import numpy as np
 import pytest
 
-from .conftest import ROOT, addon_module, panel_text, prefs
+from .conftest import ROOT, addon_module, generate_module, leftover_files, panel_text, prefs, session
 
 pytestmark = pytest.mark.skipif('"bake"' not in (ROOT / "backend" / "worker.py").read_text(),
                                 reason="the backend has no bake op yet")
-
-
-def generate_module():
-    return addon_module("operators.generate")
-
-
-def session():
-    return addon_module("session")
 
 
 def fields_folder() -> Path:
@@ -31,11 +23,6 @@ def fields_folder() -> Path:
     if env.get("IMAGE_TO_3D_FIELDS"):
         return Path(env["IMAGE_TO_3D_FIELDS"])
     return Path(env["IMAGE_TO_3D_MODELS"]).parent / "fields"
-
-
-def leftover_files():
-    root = Path(generate_module().temp_root())
-    return [p for p in root.rglob("*") if p.is_file()] if root.is_dir() else []
 
 
 def texture_of(obj):

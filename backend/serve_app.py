@@ -267,7 +267,7 @@ class Ingress:
             return _refused(serve_request.Refusal(401, "unauthorized", what))
         path = request.url.path.rstrip("/") or "/"
         if path == HEALTH_PATH and request.method in ("GET", "HEAD"):
-            return await self._health(request)
+            return await self._health()
         if path == GENERATE_PATH and request.method == "POST":
             return await self._generate(request)
         if path in (HEALTH_PATH, GENERATE_PATH):
@@ -275,7 +275,7 @@ class Ingress:
         return _refused(serve_request.Refusal(404, "not_found", f"nothing at {path}; POST {GENERATE_PATH} or GET "
                                                                 f"{HEALTH_PATH}"))
 
-    async def _health(self, request: Request) -> JSONResponse:
+    async def _health(self) -> JSONResponse:
         """The models, the devices and their memory, the queue; nothing else (no names, addresses or versions)."""
         try:
             devices = await asyncio.wait_for(self.board.devices.remote(), timeout=REPORT_S)

@@ -339,9 +339,9 @@ def log_level(g: torch.Tensor, threshold: float) -> torch.Tensor:
 
 def block_corners(g: torch.Tensor):
     """Lowest and highest of the eight coarse corners of each block: (n, n, n) each."""
-    corners = [g[i:g.shape[0] - 1 + i, j:g.shape[1] - 1 + j, k:g.shape[2] - 1 + k]
-               for i in (0, 1) for j in (0, 1) for k in (0, 1)]
-    return torch.stack(corners).amin(0), torch.stack(corners).amax(0)
+    corners = torch.stack([g[i:g.shape[0] - 1 + i, j:g.shape[1] - 1 + j, k:g.shape[2] - 1 + k]
+                           for i in (0, 1) for j in (0, 1) for k in (0, 1)])
+    return corners.amin(0), corners.amax(0)
 
 
 def candidate_blocks(g: torch.Tensor, level: torch.Tensor, margin_scale: float):

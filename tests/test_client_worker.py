@@ -263,3 +263,13 @@ def test_a_backend_without_torch_says_which_package_is_missing(tmp_path):
         assert "torch" in w.ready_info["missing"] and "error" in w.ready_info["torch"]
     finally:
         w.stop()
+
+
+def test_the_wire_is_the_recorded_one(worker, tmp_path):
+    """Requests, events and files of a generate, a bake, a cancel and two errors, as recorded before the layout
+    change (tests/wire_exchange.py)."""
+    import wire_exchange
+
+    requests = wire_exchange.RequestLog()
+    requests.pipe(worker)
+    wire_exchange.check("pipe", worker, tmp_path, requests)

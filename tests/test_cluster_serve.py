@@ -467,3 +467,14 @@ def test_nothing_of_the_server_listens_beyond_loopback(server):
     sockets = listening(server.processes())
     assert any(addr.port == server.port for _, addr in sockets), "the HTTP port is among them"
     assert not beyond_loopback(sockets), f"listening beyond this machine: {beyond_loopback(sockets)}"
+
+
+@needs_serve
+def test_the_wire_is_the_recorded_one(server, tmp_path, monkeypatch):
+    """Requests, events and files of a generate, a bake, a cancel and two errors over HTTP, as recorded before the
+    layout change (tests/wire_exchange.py)."""
+    import wire_exchange
+
+    requests = wire_exchange.RequestLog()
+    requests.http(monkeypatch)
+    wire_exchange.check("remote", server.client(tmp_path), tmp_path, requests)

@@ -13,11 +13,10 @@ from pathlib import Path
 
 import bpy
 
-from . import catalog
-from .backend.client import EXTENSION_ROOT, default_env
-from .core.tasks import Task
+from .backend.client import EXTENSION_ROOT, catalog, default_env
+from .backend.client.commands import Task
 
-TICK_S = 0.2
+TICK_S = 0.1  # how often a timer follows a job or a task (the operators' jobs use it too)
 CHECK_TIMEOUT_S = 180.0  # the first `import torch` of a fresh environment can take a while
 
 TASKS: dict = {}  # key ("check", "install", "download:<model>") -> Task

@@ -1,4 +1,4 @@
-"""Build the generated object from the worker's .npz: the thin bpy side of ``core.mesh_arrays``.
+"""Build the generated object from the worker's .npz: the thin bpy side of ``backend.client.mesh_arrays``.
 
 Triangles and quads, a ``Color`` attribute (always: it is what the vertex-colour material shows, and it
 survives remeshing), and when the result is textured a UV map and a packed image named after the object.
@@ -9,7 +9,7 @@ from __future__ import annotations
 import bpy
 import numpy as np
 
-from .core import mesh_arrays
+from .backend.client import mesh_arrays
 
 COLOR_ATTRIBUTE = "Color"
 UV_MAP = "UVMap"  # Blender's own default name, so other tools find it

@@ -6,8 +6,8 @@ import os
 import bpy
 from bpy.props import EnumProperty, StringProperty
 
-from . import catalog, environment, session
-from .backend.client import health_summary, server_url
+from . import environment
+from .backend.client import catalog, health_summary, server_url, session
 from .backend.hub import human_size
 
 BACKEND_ITEMS = (

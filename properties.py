@@ -16,7 +16,8 @@ import bpy
 from bpy.props import (BoolProperty, CollectionProperty, EnumProperty, FloatProperty, IntProperty, PointerProperty,
                        StringProperty)
 
-from . import catalog
+from .backend.client import catalog
+from .backend.options import DEFAULT_BAKE_SIZE
 from .preferences import DEVICE_ITEMS
 
 MODEL_ITEMS = tuple(catalog.model_items())
@@ -31,7 +32,6 @@ TEXTURE_ITEMS = (
     ("2048", "2048", "A 2048 × 2048 texture"),
     ("4096", "4096", "A 4096 × 4096 texture (slow to bake on a CPU)"),
 )
-DEFAULT_BAKE_SIZE = 1024  # Bake from Model when neither the panel nor the object names a size
 
 
 def customizable(model_id: str) -> tuple:

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from . import errors
 from .errors import BackendError, InputError
 
 SOME_FAILED = 5  # exit status of a batch in which at least one image failed (the others were written)
@@ -115,10 +116,9 @@ def check_options(options, here: bool = True) -> None:
     the images run in this process) the device."""
     from . import devices
     from .models import registry
-    from .pipeline import check_model_options
+    from .options import check
 
-    options.validate()
-    check_model_options(registry.get(options.model), options)
+    check(options, registry.get(options.model))
     if here:
         devices.resolve(options.device)
 
@@ -160,11 +160,9 @@ def save_mesh(mesh, output: Path, inputs=()) -> dict:
 
 def error_fields(exc: BaseException) -> dict:
     """A failure as the worker's ``error`` event has it (code, message, hint); a bug's traceback goes to stderr."""
-    from . import worker
-
     if not isinstance(exc, BackendError):
         traceback.print_exception(exc, file=sys.stderr)
-    return worker.error_fields(exc)
+    return errors.error_fields(exc)
 
 
 # ------------------------------------------------------------------------------- reporting

@@ -22,11 +22,10 @@ import time
 import traceback
 from pathlib import Path
 
-from . import batch
+from . import batch, hub, licences
 from .errors import BackendError, InputError, WeightsError
 
 # Only generate needs numpy/torch; check and install must run in a bare Python (batch imports the stdlib only).
-OFFLINE_ENVIRONMENT = {"HF_HUB_OFFLINE": "1", "IMAGE_TO_3D_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -132,9 +131,9 @@ def main(argv=None) -> int:
 
         return worker.main(argv[1:])
     if argv[:1] == ["cluster-serve"]:
-        from . import cluster_serve
+        from .server import main as server_main
 
-        return cluster_serve.main(argv[1:])
+        return server_main.main(argv[1:])
     args = _parser().parse_args(argv)
     return {"generate": _generate, "check": _check, "install": _install, "download": _download}[args.command](args)
 
@@ -152,7 +151,7 @@ def _download(args) -> int:
 
     try:
         if args.model != "u2net":
-            _accept_licence(registry.get(args.model), args.accept_licence)
+            licences.accept_or_refuse(registry.get(args.model), args.accept_licence)
         folder = registry.fetch(args.model, args.store, token=args.token, online=False if args.offline else None,
                                 progress=progress)
     except BackendError as e:
@@ -202,17 +201,6 @@ def _install(args) -> int:
     return 0
 
 
-def _accept_licence(spec, accept: bool) -> None:
-    """Show a restrictive licence when the user accepts it, record it; refuse while it is not accepted."""
-    from . import licences
-
-    if accept and licences.get(spec.licence).needs_acceptance and spec.licence not in licences.accepted():
-        print(licences.notice(spec.licence, spec.display_name), file=sys.stderr)
-        licences.accept(spec.licence, spec.id)
-        print(f"Licence {spec.licence} accepted; remembered in {licences.acceptance_file()}", file=sys.stderr)
-    licences.ensure_accepted(spec.licence, spec.id, spec.display_name)
-
-
 def _progress_printer(quiet: bool):
     last = {"stage": None, "tenth": -1}
 
@@ -228,7 +216,7 @@ def _progress_printer(quiet: bool):
 
 
 def _options(args):
-    from .pipeline import Options
+    from .options import Options
 
     return Options(model=args.model, weights=args.weights, resolution=args.resolution, threshold=args.threshold,
                    foreground_ratio=args.foreground_ratio, remove_background=args.remove_background,
@@ -255,7 +243,7 @@ def _check_weights_offline(args) -> None:
 
 def _generate(args) -> int:
     if args.offline:  # for every library in this process (and the Ray workers, which get these variables)
-        os.environ.update(OFFLINE_ENVIRONMENT)
+        os.environ.update(hub.OFFLINE_ENVIRONMENT)
     if _is_batch(args):
         return _generate_batch(args)
     from . import mesh as meshio
@@ -279,7 +267,7 @@ def _generate(args) -> int:
             return 0
         from .models import registry
 
-        _accept_licence(registry.get(args.model), args.accept_licence)
+        licences.accept_or_refuse(registry.get(args.model), args.accept_licence)
         if args.offline:
             _check_weights_offline(args)
         options = _options(args)
@@ -338,7 +326,7 @@ def _generate_batch(args) -> int:
         batch.check_options(options, here=args.ray is None)  # a cluster's GPUs are on its nodes, not here
         from .models import registry
 
-        _accept_licence(registry.get(args.model), args.accept_licence)
+        licences.accept_or_refuse(registry.get(args.model), args.accept_licence)
         if args.offline and args.ray is None:  # on a cluster, the weights are looked for on the nodes
             _check_weights_offline(args)
         folder.mkdir(parents=True, exist_ok=True)

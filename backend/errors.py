@@ -1,5 +1,9 @@
 """Errors the backend reports to users: a one-line message, an optional hint, an exit status."""
 
+from __future__ import annotations
+
+from .protocol import CANCELLED_CODE
+
 
 class BackendError(Exception):
     """An error with a message meant for the user. ``code`` names it on the wire."""
@@ -40,7 +44,7 @@ class LicenceNotAccepted(BackendError):
 class Cancelled(BackendError):
     """The job was cancelled by the user."""
 
-    code = "cancelled"
+    code = CANCELLED_CODE
     exit_status = 130
 
     def __init__(self, message: str = "Cancelled", hint: str = ""):
@@ -58,3 +62,25 @@ class OutOfMemory(BackendError):
 
 def is_out_of_memory(e: BaseException) -> bool:
     return isinstance(e, MemoryError) or (isinstance(e, RuntimeError) and "out of memory" in str(e).lower())
+
+
+def error_fields(exc: BaseException) -> dict:
+    """A failure as an ``error`` event has it (code, message, hint): the worker's, a batch line's, the server's."""
+    if isinstance(exc, BackendError):
+        return exc.to_dict()
+    text = f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, ModuleNotFoundError):
+        return {"code": "missing_package", "message": f"The backend Python lacks the package {exc.name!r}",
+                "hint": "Run Install Backend in the add-on preferences (or install torch and "
+                        "backend/requirements.txt into that Python), or choose another Backend Python"}
+    if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower():
+        return {"code": "out_of_memory", "message": text,
+                "hint": "Try a lower resolution, or the CPU device; Free Memory releases what the backend holds"}
+    return {"code": "internal", "message": text, "hint": "The backend log (stderr) has the full traceback"}
+
+
+def first_line(e: BaseException, limit: int | None = None) -> str:
+    """The first line of an exception's text (its type where it has none), at most ``limit`` characters."""
+    text = str(e).strip().splitlines()
+    line = text[0] if text else type(e).__name__
+    return line[:limit] if limit else line

@@ -12,7 +12,6 @@ pickle), written under a temporary name and renamed; the oldest go when the fold
 from __future__ import annotations
 
 import os
-import re
 import tempfile
 import uuid
 from pathlib import Path
@@ -20,9 +19,10 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from .protocol import FIELD_ID
+
 POINTS_PER_CHUNK = 1 << 18
 CACHE_LIMIT_BYTES = 2 << 30  # a few hundred generations
-FIELD_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
 class ColourField:
@@ -52,18 +52,6 @@ class ColourField:
             if on_fraction:
                 on_fraction(min(1.0, (start + len(chunk)) / len(points)))
         return self._finish(out) if self._finish else out
-
-
-class SingleImageModel:
-    """What the single-image models (TripoSR, OpenLRM) share: ``make_planes`` (image -> field) and ``mesh_from``
-    (field -> surface) make :meth:`reconstruct`."""
-
-    def reconstruct(self, conditioning, options, stages):
-        """The image's mesh, as extracted (the pipeline adds the post-processing)."""
-        planes, used = self.make_planes(conditioning, options, stages)
-        mesh = self.mesh_from(planes, options, stages)
-        mesh.stats.update(used)
-        return mesh
 
 
 def default_cache_folder() -> Path:

@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -43,6 +44,10 @@ class RemoteFile:
     @property
     def name(self) -> str:
         return Path(self.path).name
+
+
+# What --offline sets: this process and every library in it (the hub client, transformers) never connect.
+OFFLINE_ENVIRONMENT = {"HF_HUB_OFFLINE": "1", "IMAGE_TO_3D_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 
 class OfflineError(WeightsError):
@@ -241,3 +246,16 @@ def _digests(path: Path) -> tuple[str, str]:
             sha.update(block)
             md5.update(block)
     return sha.hexdigest(), md5.hexdigest()
+
+
+def default_store() -> Path:
+    """The model store: ``IMAGE_TO_3D_MODELS``, else the platform's per-user data folder."""
+    if os.environ.get("IMAGE_TO_3D_MODELS"):
+        return Path(os.environ["IMAGE_TO_3D_MODELS"]).expanduser()
+    if sys.platform == "win32":
+        base = Path(os.environ.get("LOCALAPPDATA", Path.home() / "AppData" / "Local"))
+    elif sys.platform == "darwin":
+        base = Path.home() / "Library" / "Application Support"
+    else:
+        base = Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share"))
+    return base / "image_to_3d" / "models"

@@ -104,3 +104,13 @@ def ensure_accepted(licence_id: str, model_id: str, model_name: str, accept_now:
     raise LicenceNotAccepted(
         notice(licence_id, model_name) + " Its licence must be accepted before the model is used.",
         hint=f"Run again with --accept-licence to accept {licence_id} (once: it is remembered in {acceptance_file()}).")
+
+
+def accept_or_refuse(spec, accept_now: bool) -> None:
+    """A command line's --accept-licence (the CLI's, cluster-serve's): show a restrictive licence as the user accepts
+    it and record it; refuse while it is not accepted."""
+    if accept_now and get(spec.licence).needs_acceptance and spec.licence not in accepted():
+        print(notice(spec.licence, spec.display_name), file=sys.stderr)
+        accept(spec.licence, spec.id)
+        print(f"Licence {spec.licence} accepted; remembered in {acceptance_file()}", file=sys.stderr)
+    ensure_accepted(spec.licence, spec.id, spec.display_name)

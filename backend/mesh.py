@@ -21,6 +21,8 @@ from typing import Optional
 
 import numpy as np
 
+from .colour import srgb_to_linear
+
 FORMATS = (".npz", ".glb", ".ply", ".obj")
 
 
@@ -175,11 +177,6 @@ def _colors_u8(mesh: Mesh) -> np.ndarray:
 def _y_up(vertices: np.ndarray) -> np.ndarray:
     """Blender (x, y, z) -> glTF/OBJ Y-up (x, z, -y), the inverse of what their importers apply."""
     return np.stack([vertices[:, 0], vertices[:, 2], 0.0 - vertices[:, 1]], axis=1).astype(np.float32)  # no -0.0
-
-
-def srgb_to_linear(c: np.ndarray) -> np.ndarray:
-    c = np.asarray(c, dtype=np.float32)
-    return np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4).astype(np.float32)
 
 
 def _png_bytes(texture: np.ndarray) -> bytes:

@@ -156,7 +156,7 @@ def u2net_model_path(u2net_path: Optional[str] = None) -> Path:
         return Path(os.environ[U2NET_ENV]).expanduser()
     if os.environ.get("U2NET_HOME"):
         return Path(os.environ["U2NET_HOME"]).expanduser() / "u2net.onnx"
-    from .models.registry import default_store
+    from .hub import default_store
 
     store, rembg_home = default_store() / "u2net" / "u2net.onnx", Path.home() / ".u2net" / "u2net.onnx"
     return rembg_home if rembg_home.is_file() and not store.is_file() else store
@@ -294,7 +294,7 @@ def prepare(image: Image.Image, *, recipe: str = "triposr", remove_background: b
     """
     if recipe not in RECIPES:
         raise ValueError(f"unknown preprocessing recipe {recipe!r}")
-    from .models.registry import FOREGROUND_RATIO
+    from .options import FOREGROUND_RATIO
 
     ratio = FOREGROUND_RATIO[recipe] if foreground_ratio is None else float(foreground_ratio)
     _check_ratio(ratio)

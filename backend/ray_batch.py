@@ -115,7 +115,7 @@ class ReconstructionWorker:
     """A Ray actor: one loaded model, kept for every image it is given. Made remote by :func:`run`."""
 
     def __init__(self, options: dict, threads: Optional[int] = None):
-        from .pipeline import Options
+        from .options import Options
 
         if threads:  # CPU actors: use the CPUs Ray gave this actor, not every core of the node
             import torch

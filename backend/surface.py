@@ -368,14 +368,14 @@ def colored_surface(field, resolution: int, threshold: float, stages, dense: boo
     field's colour at every vertex. Returns vertices (N, 3) float64, faces (M, 3), colours (N, 3) float32,
     in the field's frame."""
     from .errors import InputError
-    from .stages import COLOR, SURFACE
+    from .protocol import Stage
 
-    stages.begin(SURFACE, f"marching cubes at {resolution}³" + (" (dense)" if dense else ""))
+    stages.begin(Stage.SURFACE, f"marching cubes at {resolution}³" + (" (dense)" if dense else ""))
     vertices, faces = marching_cubes(field, resolution, threshold, on_fraction=stages.update, dense=dense)
     if len(faces) == 0:
         raise InputError(f"no surface found at threshold {threshold:g}: the model sees no object here",
                          hint="Lower the threshold, or use an image with one clear object.")
-    stages.begin(COLOR, "colouring vertices")
+    stages.begin(Stage.COLOR, "colouring vertices")
     # float32 vertices, as the references query them
     _, colors = field.query(torch.from_numpy(vertices.astype(np.float32)))
     return vertices, faces, colors.cpu().numpy()

@@ -1,6 +1,6 @@
 """``python -m backend serve``: the long-lived worker behind Blender's Generate 3D.
 
-The wire (DESIGN.md §2): one JSON object per line. Requests arrive on stdin, events leave on a private
+The wire (its words: ``protocol.py``; README.md, "The wire"): one JSON object per line. Requests arrive on stdin, events leave on a private
 copy of fd 1; fd 1 itself is pointed at stderr first, so a stray ``print`` or a C library cannot corrupt
 the channel.
 
@@ -36,11 +36,9 @@ import time
 import traceback
 from pathlib import Path
 
-from .errors import BackendError, Cancelled, InputError
-
-RESULT_NAME = "mesh.npz"
-BAKE_NAME = "bake.npz"  # Bake from Model's texture and per-loop UVs
-VIEWS_NAME = "views.png"  # a multi-view model's generated views, kept next to the mesh for the client
+from . import protocol
+from .errors import BackendError, Cancelled, InputError, error_fields
+from .options import parse as parse_options
 PROGRESS_INTERVAL_S = 0.1  # at most ~10 progress events a second per stage, plus every stage change
 
 
@@ -106,23 +104,25 @@ def read_requests(stream, control: JobControl, events: EventWriter) -> None:
             request = json.loads(line)
             op = request["op"]
         except (ValueError, KeyError, TypeError):
-            events.emit("error", id=None, code="bad_request", message=f"not a request: {line[:200]}", hint="")
+            events.emit(protocol.ERROR_EVENT, id=None, code="bad_request", message=f"not a request: {line[:200]}",
+                        hint="")
             continue
-        if op in ("generate", "bake"):
+        if op in protocol.JOB_OPS:
             job_id = request.get("id")
             if control.try_begin(job_id):
                 control.requests.put(request)
             else:
-                events.emit("error", id=job_id, code="busy", message="another generation is running",
+                events.emit(protocol.ERROR_EVENT, id=job_id, code="busy", message="another generation is running",
                             hint="Wait for it to finish or cancel it")
-        elif op == "cancel":
+        elif op == protocol.OP_CANCEL:
             control.request_cancel(request.get("id"))
-        elif op == "shutdown":
+        elif op == protocol.OP_SHUTDOWN:
             break
-        elif op == "ping":
-            events.emit("log", level="info", message="pong")
+        elif op == protocol.OP_PING:
+            events.emit(protocol.LOG, level="info", message="pong")
         else:
-            events.emit("error", id=request.get("id"), code="bad_request", message=f"unknown op {op!r}", hint="")
+            events.emit(protocol.ERROR_EVENT, id=request.get("id"), code="bad_request", message=f"unknown op {op!r}",
+                        hint="")
     control.request_cancel()
     control.requests.put(None)
 
@@ -147,31 +147,8 @@ class ProgressThrottle:
         if stage == self._stage and fraction < 1.0 and now - self._last < PROGRESS_INTERVAL_S:
             return
         self._stage, self._last = stage, now
-        self._events.emit("progress", id=self._job_id, stage=stage, fraction=round(float(fraction), 4),
+        self._events.emit(protocol.PROGRESS, id=self._job_id, stage=stage, fraction=round(float(fraction), 4),
                           message=message)
-
-
-def make_options(raw: dict):
-    from .pipeline import Options
-
-    try:
-        return Options(**(raw or {}))
-    except TypeError as exc:
-        raise InputError(f"bad options: {exc}") from None
-
-
-def error_fields(exc: BaseException) -> dict:
-    if isinstance(exc, BackendError):
-        return exc.to_dict()
-    text = f"{type(exc).__name__}: {exc}"
-    if isinstance(exc, ModuleNotFoundError):
-        return {"code": "missing_package", "message": f"The backend Python lacks the package {exc.name!r}",
-                "hint": "Run Install Backend in the add-on preferences (or install torch and "
-                        "backend/requirements.txt into that Python), or choose another Backend Python"}
-    if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower():
-        return {"code": "out_of_memory", "message": text,
-                "hint": "Try a lower resolution, or the CPU device; Free Memory releases what the backend holds"}
-    return {"code": "internal", "message": text, "hint": "The backend log (stderr) has the full traceback"}
 
 
 def _draws_views(model_id: str) -> bool:
@@ -187,8 +164,8 @@ def run_job(request: dict, control: JobControl, events: EventWriter, model_cache
         output_dir = Path(request.get("output_dir") or "")
         if not output_dir.is_dir():
             raise InputError(f"output folder does not exist: {output_dir}")
-        options = make_options(request.get("options"))
-        job = {"generate": _generate, "bake": _bake}[request.get("op", "generate")]
+        options = parse_options(request.get("options"))
+        job = {protocol.OP_GENERATE: _generate, protocol.OP_BAKE: _bake}[request.get("op", protocol.OP_GENERATE)]
         models_before = set(model_cache)
         path, stats, views = job(request, options, output_dir, ProgressThrottle(events, job_id),
                                  control.cancel.is_set, model_cache, field_cache)
@@ -197,11 +174,11 @@ def run_job(request: dict, control: JobControl, events: EventWriter, model_cache
         # "hit": the model came from this worker's cache (no loading); "miss": it was loaded now.
         stats.update(model_cache="miss" if set(model_cache) - models_before or not model_cache else "hit",
                      total_seconds=round(time.perf_counter() - started, 3))
-        outcome = {"event": "result", "id": job_id, "path": str(path), "stats": stats, "views": views}
+        outcome = {"event": protocol.RESULT, "id": job_id, "path": str(path), "stats": stats, "views": views}
     except Exception as exc:  # noqa: BLE001 - every failure becomes an error event; the worker lives on
         if not isinstance(exc, BackendError):
             traceback.print_exc(file=sys.stderr)
-        outcome = {"event": "error", "id": job_id, **error_fields(exc)}
+        outcome = {"event": protocol.ERROR_EVENT, "id": job_id, **error_fields(exc)}
     # Free before answering: a client that submits the next job on this answer must not find the worker busy.
     control.finish()
     events.emit(outcome.pop("event"), **outcome)
@@ -215,12 +192,12 @@ def _generate(request, options, output_dir: Path, progress, cancelled, model_cac
     if not image and not options.field_id:
         raise InputError("no image given")
     if options.save_views is None and options.views is None and _draws_views(options.model):
-        options.save_views = str(output_dir / VIEWS_NAME)
+        options.save_views = str(output_dir / protocol.VIEWS_FILE)
     mesh = generate(image or None, options, progress=progress, cancelled=cancelled, model_cache=model_cache,
                     field_cache=field_cache)
     if cancelled():
         raise Cancelled()
-    path = mesh_io.save(mesh, output_dir / RESULT_NAME)
+    path = mesh_io.save(mesh, output_dir / protocol.RESULT_FILES[protocol.OP_GENERATE])
     stats = dict(mesh.stats, vertices=int(len(mesh.vertices)), faces=int(len(mesh.faces)))
     views = options.save_views if options.save_views and Path(options.save_views).is_file() else None
     return path, stats, views
@@ -247,7 +224,7 @@ def _bake(request, options, output_dir: Path, progress, cancelled, model_cache, 
         raise InputError(f"the mesh to bake on is not valid: {e}") from None
     if cancelled():
         raise Cancelled()
-    path = output_dir / BAKE_NAME
+    path = output_dir / protocol.RESULT_FILES[protocol.OP_BAKE]
     with atomic_output(path) as f:
         np.savez(f, uvs=uvs, texture=texture)
     return path, stats, None
@@ -261,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     events = EventWriter(claim_protocol_stream())
     control = JobControl()
     reader = threading.Thread(target=read_requests, args=(sys.stdin, control, events), name="requests", daemon=True)
-    events.emit("ready", **describe_runtime())
+    events.emit(protocol.READY, **describe_runtime())
     reader.start()
 
     from .field import FieldCache

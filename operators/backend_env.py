@@ -11,8 +11,9 @@ import bpy
 from bpy.props import BoolProperty, StringProperty
 
 from .. import environment, preferences
-from ..backend.client import EXTENSION_ROOT, TOKEN_ENV, default_env
-from ..core.tasks import Task
+from ..backend.client import EXTENSION_ROOT, default_env
+from ..backend.client.commands import Task
+from ..backend.protocol import TOKEN_ENV
 
 REMOTE_CHECK_TIMEOUT_S = 30.0
 

@@ -15,9 +15,11 @@ import os
 import bpy
 import numpy as np
 
-from .. import import_mesh, properties
-from ..core import mesh_arrays
-from . import generate
+from .. import import_mesh
+from ..backend.client import mesh_arrays
+from ..backend.options import DEFAULT_BAKE_SIZE
+from . import jobs, results
+from .job_options import stored_job_options
 
 MESH_FILE = "bake_mesh.npz"
 
@@ -26,11 +28,11 @@ def bake_size(settings, stored: dict) -> int:
     """The panel's Texture size; else the size the object was textured at; else 1024."""
     if settings.texture != "NONE":
         return int(settings.texture)
-    return int(stored.get("texture") or properties.DEFAULT_BAKE_SIZE)
+    return int(stored.get("texture") or DEFAULT_BAKE_SIZE)
 
 
 def why_not(context) -> str:
-    reason = generate.generated_object_problem(context)
+    reason = jobs.generated_object_problem(context)
     if reason:
         return reason
     if not context.active_object.data.polygons:
@@ -58,7 +60,7 @@ def write_mesh_file(obj, stored: dict, uv_map, folder: str) -> str:
     return path
 
 
-class IMAGE_TO_3D_OT_bake_from_model(generate.JobOperator, bpy.types.Operator):
+class IMAGE_TO_3D_OT_bake_from_model(jobs.JobOperator, bpy.types.Operator):
     """Bake a colour texture onto the active object's current mesh from the model that made it (no vertex \
 colours involved). Its active UV map is used; a mesh without one gets new UVs. The texture size is the \
 Output's Texture"""
@@ -71,12 +73,12 @@ Output's Texture"""
         obj = context.active_object
         # Bake what the artist sees: edit-mode changes reach the mesh data on leaving (the texture arrives in
         # Object Mode anyway).
-        if not generate.to_object_mode(obj):
+        if not results.to_object_mode(obj):
             self.report({"ERROR"}, f"'{obj.name}' could not leave {obj.mode.title()} Mode")
             return {"CANCELLED"}
         stored = import_mesh.stored_settings(obj)
         size = bake_size(context.scene.image_to_3d, stored)
-        options = dict(generate.stored_job_options(stored, context), texture=size)
+        options = dict(stored_job_options(stored, context), texture=size)
         image = bpy.data.images[stored["image"]]
         uv_map = obj.data.uv_layers.active
         info = {
@@ -90,9 +92,9 @@ Output's Texture"""
 
         def submit(worker, staging):
             mesh_path = write_mesh_file(obj, stored, uv_map, staging)
-            return worker.submit(generate.image_file_for_worker(image, staging), options, op="bake", mesh=mesh_path)
+            return worker.submit(results.image_file_for_worker(image, staging), options, op="bake", mesh=mesh_path)
 
-        return generate.begin_job(self, context, submit, info)
+        return jobs.begin_job(self, context, submit, info)
 
 
 def apply_bake(scene, info, job) -> str:
@@ -104,7 +106,7 @@ def apply_bake(scene, info, job) -> str:
         raise RuntimeError(f"'{info['object']}' is gone (deleted or renamed while baking)")
     with np.load(job.result_path) as data:
         texture, uvs = data["texture"], data["uvs"]
-    if not generate.to_object_mode(obj):
+    if not results.to_object_mode(obj):
         raise RuntimeError(f"'{obj.name}' could not leave {obj.mode.title()} Mode")
     mesh = obj.data
     if len(mesh.loops) != info["loops"] or len(uvs) != len(mesh.loops):
@@ -134,7 +136,7 @@ def apply_bake(scene, info, job) -> str:
     if job.stats.get("field_id"):
         stored["field_id"] = str(job.stats["field_id"])
     height, width = texture.shape[:2]
-    return (f"{obj.name}: baked a {width}×{height} texture in {generate.seconds_since(info)}"
+    return (f"{obj.name}: baked a {width}×{height} texture in {results.seconds_since(info)}"
             + (" onto new UVs" if new_uv is not None else f" through UV map '{uv_name}'"))
 
 
@@ -144,9 +146,5 @@ def texture_image_of(obj):
     return node.image if node is not None else None
 
 
-def register():
-    bpy.utils.register_class(IMAGE_TO_3D_OT_bake_from_model)
-
-
-def unregister():
-    bpy.utils.unregister_class(IMAGE_TO_3D_OT_bake_from_model)
+CLASSES = (IMAGE_TO_3D_OT_bake_from_model,)
+register, unregister = bpy.utils.register_classes_factory(CLASSES)

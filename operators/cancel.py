@@ -3,8 +3,8 @@ starts no further image; the objects it made stay."""
 
 import bpy
 
-from .. import session
-from . import batch
+from ..backend.client import session
+from . import jobs
 
 
 class IMAGE_TO_3D_OT_cancel(bpy.types.Operator):
@@ -22,14 +22,10 @@ class IMAGE_TO_3D_OT_cancel(bpy.types.Operator):
         return True
 
     def execute(self, context):
-        batch.cancel()
+        jobs.cancel()
         session.current().cancel()
         return {"FINISHED"}
 
 
-def register():
-    bpy.utils.register_class(IMAGE_TO_3D_OT_cancel)
-
-
-def unregister():
-    bpy.utils.unregister_class(IMAGE_TO_3D_OT_cancel)
+CLASSES = (IMAGE_TO_3D_OT_cancel,)
+register, unregister = bpy.utils.register_classes_factory(CLASSES)

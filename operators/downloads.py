@@ -8,7 +8,8 @@ starts while Blender's *Allow Online Access* is off.
 import bpy
 from bpy.props import BoolProperty, StringProperty
 
-from .. import catalog, environment, preferences
+from .. import environment, preferences
+from ..backend.client import catalog
 from ..backend.hub import human_size
 
 

@@ -2,7 +2,8 @@
 
 import bpy
 
-from .. import preferences, session
+from .. import preferences
+from ..backend.client import session
 
 REMOTE = ("The shared server holds the models' memory (it keeps them loaded for every artist): Free Memory is "
           "for the Local backend")
@@ -39,9 +40,5 @@ class IMAGE_TO_3D_OT_free_memory(bpy.types.Operator):
         return {"FINISHED"}
 
 
-def register():
-    bpy.utils.register_class(IMAGE_TO_3D_OT_free_memory)
-
-
-def unregister():
-    bpy.utils.unregister_class(IMAGE_TO_3D_OT_free_memory)
+CLASSES = (IMAGE_TO_3D_OT_free_memory,)
+register, unregister = bpy.utils.register_classes_factory(CLASSES)

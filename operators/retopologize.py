@@ -11,13 +11,14 @@ from __future__ import annotations
 import bpy
 
 from .. import import_mesh, properties
-from . import generate
+from . import jobs, results
+from .job_options import stored_job_options
 
 ORIGINAL_SUFFIX = " (original)"
 
 
 def why_not(context) -> str:
-    reason = generate.generated_object_problem(context)
+    reason = jobs.generated_object_problem(context)
     if reason:
         return reason
     settings = context.scene.image_to_3d
@@ -29,7 +30,7 @@ def why_not(context) -> str:
     return ""
 
 
-class IMAGE_TO_3D_OT_retopologize(generate.JobOperator, bpy.types.Operator):
+class IMAGE_TO_3D_OT_retopologize(jobs.JobOperator, bpy.types.Operator):
     """Make the active object again from its model's field with the Output settings (Faces, Quads, Texture), \
 without running the model again. The new object takes its place, name, transform and collections; the old \
 one is kept, hidden in viewport and render, as "<name> (original)". One undo restores it"""
@@ -42,7 +43,7 @@ one is kept, hidden in viewport and render, as "<name> (original)". One undo res
         obj = context.active_object
         stored = import_mesh.stored_settings(obj)
         output = properties.output_options(context.scene.image_to_3d)
-        options = dict(generate.stored_job_options(stored, context), **output)
+        options = dict(stored_job_options(stored, context), **output)
         image = bpy.data.images[stored["image"]]
         info = {
             "on_done": replace_object,
@@ -51,8 +52,8 @@ one is kept, hidden in viewport and render, as "<name> (original)". One undo res
             "object": obj.name,
             "settings": dict(stored, **output),  # the result's settings: None drops an old budget or texture
         }
-        return generate.begin_job(self, context, lambda worker, staging: worker.submit(
-            generate.image_file_for_worker(image, staging), options), info)
+        return jobs.begin_job(self, context, lambda worker, staging: worker.submit(
+            results.image_file_for_worker(image, staging), options), info)
 
 
 def replace_object(scene, info, job) -> str:
@@ -62,16 +63,16 @@ def replace_object(scene, info, job) -> str:
     old = bpy.data.objects.get(info["object"])
     if old is None:
         raise RuntimeError(f"'{info['object']}' is gone (deleted or renamed while retopologizing)")
-    if not generate.to_object_mode(old):
+    if not results.to_object_mode(old):
         raise RuntimeError(f"'{old.name}' could not leave {old.mode.title()} Mode")
     settings = info["settings"]
     name = old.name
-    mesh, image, place = generate.result_mesh(name, job, settings, import_mesh.stored_placement(settings))
+    mesh, image, place = results.result_mesh(name, job, settings, import_mesh.stored_placement(settings))
     view_layer = scene.view_layers.get(info["view_layer"]) or scene.view_layers[0]
     new = None
     old.name = name + ORIGINAL_SUFFIX  # frees the name for the new object
     try:
-        new = import_mesh.new_object(name, mesh, generate.result_settings(settings, job, place, image), image)
+        new = import_mesh.new_object(name, mesh, results.result_settings(settings, job, place, image), image)
         new.rotation_mode = old.rotation_mode
         new.parent = old.parent
         new.parent_type, new.parent_bone = old.parent_type, old.parent_bone
@@ -88,7 +89,7 @@ def replace_object(scene, info, job) -> str:
         raise
     hide(old, scene)
     faces = job.stats.get("faces")
-    return (f"{new.name}: {faces} faces in {generate.seconds_since(info)}; the original is kept hidden as "
+    return (f"{new.name}: {faces} faces in {results.seconds_since(info)}; the original is kept hidden as "
             f"'{old.name}'")
 
 
@@ -101,9 +102,5 @@ def hide(obj, scene) -> None:
             obj.hide_set(True, view_layer=view_layer)
 
 
-def register():
-    bpy.utils.register_class(IMAGE_TO_3D_OT_retopologize)
-
-
-def unregister():
-    bpy.utils.unregister_class(IMAGE_TO_3D_OT_retopologize)
+CLASSES = (IMAGE_TO_3D_OT_retopologize,)
+register, unregister = bpy.utils.register_classes_factory(CLASSES)

@@ -2,23 +2,24 @@
 
 import bpy
 
-from .. import catalog, environment, import_mesh, preferences, properties, session
-from ..backend import stages
-from ..operators import bake, batch
+from .. import environment, import_mesh, preferences, properties
+from ..backend.client import catalog, session
+from ..backend.protocol import Stage
+from ..operators import bake, jobs
 
 STAGE_LABELS = {
-    stages.BACKGROUND: "Removing background",
-    stages.LOAD: "Loading model",
-    stages.VIEWS: "Generating views",
-    stages.ENCODE: "Encoding image",
-    stages.TRIPLANE: "Building triplanes",
-    stages.FIELD: "Recomputing the field",
-    stages.SURFACE: "Extracting surface",
-    stages.COLOR: "Colouring",
-    stages.REDUCE: "Reducing",
-    stages.UNWRAP: "Unwrapping",
-    stages.BAKE: "Baking texture",
-    stages.QUEUED: "Waiting for the server",
+    Stage.BACKGROUND: "Removing background",
+    Stage.LOAD: "Loading model",
+    Stage.VIEWS: "Generating views",
+    Stage.ENCODE: "Encoding image",
+    Stage.TRIPLANE: "Building triplanes",
+    Stage.FIELD: "Recomputing the field",
+    Stage.SURFACE: "Extracting surface",
+    Stage.COLOR: "Colouring",
+    Stage.REDUCE: "Reducing",
+    Stage.UNWRAP: "Unwrapping",
+    Stage.BAKE: "Baking texture",
+    Stage.QUEUED: "Waiting for the server",
 }
 
 
@@ -50,8 +51,8 @@ def draw_progress(layout, job):
     if job.cancel_requested_at is not None:
         label = "Cancelling…"
     text = f"{label} {job.fraction:.0%}"
-    if batch.running():
-        run = batch.current()
+    if jobs.running():
+        run = jobs.current()
         text = f"Image {run.position} of {run.total} · {text}"
     if hasattr(layout, "progress"):  # Blender 4.0+
         layout.progress(factor=job.fraction, type="BAR", text=text)
@@ -64,7 +65,7 @@ def draw_progress(layout, job):
 
 def draw_batch_failures(layout, context):
     """The images of the running (or last) batch that failed, each with its reason."""
-    run = batch.current()
+    run = jobs.current()
     if run is None or run.scene != context.scene.name or not run.failures:
         return
     box = layout.box()

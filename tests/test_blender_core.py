@@ -8,15 +8,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from core import mesh_arrays, png
+from backend import colour
+from backend.client import mesh_arrays, png
 
 
 def test_srgb_to_linear_matches_the_standard_curve():
     srgb = np.array([0.0, 0.04045, 0.5, 1.0], dtype=np.float32)
     expected = [0.0, 0.04045 / 12.92, ((0.5 + 0.055) / 1.055) ** 2.4, 1.0]
-    np.testing.assert_allclose(mesh_arrays.srgb_to_linear(srgb), expected, rtol=1e-6)
+    np.testing.assert_allclose(colour.srgb_to_linear(srgb), expected, rtol=1e-6)
     values = np.linspace(0, 1, 101, dtype=np.float32)
-    np.testing.assert_allclose(mesh_arrays.linear_to_srgb(mesh_arrays.srgb_to_linear(values)), values, atol=1e-5)
+    np.testing.assert_allclose(colour.linear_to_srgb(colour.srgb_to_linear(values)), values, atol=1e-5)
 
 
 def test_linear_rgba_adds_opaque_alpha_or_keeps_it():

@@ -48,10 +48,11 @@ def test_generate_reproduces_the_reference_mesh_in_blender_frame(tmp_path):
 @pytest.fixture(scope="module")
 def small_mesh():
     model = triposr.load(TINY, torch.device("cpu"))
-    from backend.pipeline import Options, _Stages
+    from backend.options import Options
+    from backend.progress import Stages
 
     conditioning = np.asarray(Image.open(TINY / "conditioning.png").convert("RGB"))
-    return model.reconstruct(conditioning, Options(resolution=32, threshold=25.0), _Stages(None, None))
+    return model.reconstruct(conditioning, Options(resolution=32, threshold=25.0), Stages(None, None))
 
 
 def test_ply_obj_glb_round_trip(small_mesh, tmp_path):
@@ -207,7 +208,8 @@ def test_no_remove_background_uses_an_opaque_image_as_given(tmp_path):
 
 def test_cancel_stops_between_chunks_and_writes_nothing(tmp_path):
     from backend.errors import Cancelled
-    from backend.pipeline import Options, generate
+    from backend.options import Options
+    from backend.pipeline import generate
 
     seen = []
 
@@ -223,7 +225,8 @@ def test_cancel_stops_between_chunks_and_writes_nothing(tmp_path):
 
 
 def test_model_cache_skips_loading(tmp_path):
-    from backend.pipeline import Options, generate
+    from backend.options import Options
+    from backend.pipeline import generate
 
     cache = {}
     first = generate(IMAGE, Options(weights=str(TINY), resolution=32), model_cache=cache)

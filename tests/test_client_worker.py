@@ -13,8 +13,11 @@ import numpy as np
 import pytest
 
 from backend import client as wire
-from backend.stages import BACKGROUND as STAGE_BACKGROUND, COLOR as STAGE_COLOR, LOAD as STAGE_LOAD, \
-    SURFACE as STAGE_SURFACE
+
+from backend import protocol
+from backend.protocol import Stage
+
+STAGE_BACKGROUND, STAGE_COLOR, STAGE_LOAD, STAGE_SURFACE = Stage.BACKGROUND, Stage.COLOR, Stage.LOAD, Stage.SURFACE
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ROOT / "tests" / "data" / "triposr_tiny"
@@ -68,7 +71,7 @@ def collect(w, timeout=300):
 def test_round_trip_result_file_progress_and_warm_second_job(worker):
     job = worker.submit(str(IMAGE), FAST)
     events = collect(worker)
-    assert job.state == wire.DONE, (job.error, worker.log_tail())
+    assert job.state == protocol.DONE, (job.error, worker.log_tail())
     assert worker.ready_info["torch"] and worker.ready_info["pid"] == worker.pid
 
     stages = [e["stage"] for e in events if e["event"] == "progress"]
@@ -89,7 +92,7 @@ def test_round_trip_result_file_progress_and_warm_second_job(worker):
 
     pid = worker.pid
     second = worker.submit(str(IMAGE), FAST)
-    assert worker.wait(120).state == wire.DONE
+    assert worker.wait(120).state == protocol.DONE
     assert worker.pid == pid, "the worker is kept between jobs"
     assert second.stats["model_cache"] == "hit"
     assert second.stats["vertices"] == job.stats["vertices"]
@@ -106,11 +109,11 @@ def test_bad_input_gives_an_error_event_with_its_code_and_the_worker_lives_on(wo
     if image == "missing.png":
         image = str(tmp_path / image)
     job = worker.submit(image, options)
-    assert worker.wait(120).state == wire.ERROR
+    assert worker.wait(120).state == protocol.ERROR
     assert job.error["code"] == code and job.error["message"]
     assert not job.job_dir.exists(), "a failed job leaves no folder"
     assert worker.running
-    assert worker.submit(str(IMAGE), FAST) and worker.wait(120).state == wire.DONE
+    assert worker.submit(str(IMAGE), FAST) and worker.wait(120).state == protocol.DONE
 
 
 def test_cancel_mid_job_stops_between_chunks_and_keeps_the_worker(worker):
@@ -120,12 +123,12 @@ def test_cancel_mid_job_stops_between_chunks_and_keeps_the_worker(worker):
     asked = time.monotonic()
     worker.cancel()
     worker.wait(30)
-    assert job.state == wire.CANCELLED
+    assert job.state == protocol.CANCELLED
     assert time.monotonic() - asked < 5, "cooperative cancel takes one chunk, not the whole job"
     assert not job.job_dir.exists() and job.result_path is None
     assert worker.running, "a cooperative cancel keeps the worker (and its model)"
     again = worker.submit(str(IMAGE), FAST)
-    assert worker.wait(120).state == wire.DONE and again.stats["model_cache"] == "hit"
+    assert worker.wait(120).state == protocol.DONE and again.stats["model_cache"] == "hit"
 
 
 def test_cancel_kills_a_worker_that_does_not_stop_in_time(tmp_path):
@@ -135,7 +138,7 @@ def test_cancel_kills_a_worker_that_does_not_stop_in_time(tmp_path):
     pid = w.pid
     os.kill(pid, signal.SIGSTOP)  # a worker stuck in a long native call
     w.cancel()
-    assert w.wait(20).state == wire.CANCELLED
+    assert w.wait(20).state == protocol.CANCELLED
     assert not w.running and not group_alive(pid)
     assert not job.job_dir.exists()
 
@@ -149,13 +152,13 @@ def test_a_worker_killed_mid_job_is_reported_and_the_next_job_works(worker):
     started = time.monotonic()
     worker.wait(30)
     assert time.monotonic() - started < 10, "a dead worker is not hung on"
-    assert job.state == wire.ERROR and job.error["code"] == "worker_died"
+    assert job.state == protocol.ERROR and job.error["code"] == "worker_died"
     assert "signal 9" in job.error["message"] and job.error["hint"]
     assert not job.job_dir.exists()
     assert not group_alive(dead_pid)
 
     again = worker.submit(str(IMAGE), FAST)
-    assert worker.wait(120).state == wire.DONE, again.error
+    assert worker.wait(120).state == protocol.DONE, again.error
     assert worker.pid != dead_pid and again.stats["model_cache"] == "miss"
 
 
@@ -165,7 +168,7 @@ def test_a_worker_that_cannot_start_is_reported_with_its_log(tmp_path):
     fake_python.chmod(0o755)
     w = wire.Worker(str(fake_python), ROOT, temp_dir=str(tmp_path / "jobs"))
     job = w.submit(str(IMAGE), FAST)
-    assert w.wait(20).state == wire.ERROR
+    assert w.wait(20).state == protocol.ERROR
     assert job.error["code"] == "worker_start_failed"
     assert "status 3" in job.error["message"] and "No module named torch" in job.error["hint"]
     assert not job.job_dir.exists()
@@ -182,7 +185,7 @@ def test_one_job_at_a_time(worker):
     worker.submit(str(IMAGE), FAST)
     with pytest.raises(RuntimeError):
         worker.submit(str(IMAGE), FAST)
-    assert worker.wait(120).state == wire.DONE
+    assert worker.wait(120).state == protocol.DONE
 
 
 def test_stop_ends_the_worker_and_its_process_group(worker):
@@ -198,7 +201,7 @@ def test_stop_during_a_job_cancels_it(worker):
     wait_for_stage(worker, STAGE_SURFACE)
     pid = worker.pid
     worker.stop()
-    assert job.state == wire.CANCELLED and not job.job_dir.exists()
+    assert job.state == protocol.CANCELLED and not job.job_dir.exists()
     assert not group_alive(pid)
 
 
@@ -258,7 +261,7 @@ def test_a_backend_without_torch_says_which_package_is_missing(tmp_path):
     w = wire.Worker(sys.executable, ROOT, env=env, temp_dir=str(tmp_path / "jobs"))
     try:
         job = w.submit(str(IMAGE), FAST)
-        assert w.wait(60).state == wire.ERROR
+        assert w.wait(60).state == protocol.ERROR
         assert job.error["code"] == "missing_package" and "torch" in job.error["message"]
         assert "torch" in w.ready_info["missing"] and "error" in w.ready_info["torch"]
     finally:

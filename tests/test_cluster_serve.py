@@ -29,8 +29,12 @@ import pytest
 from support import ROOT, TINY, assert_same_mesh, beyond_loopback, listening
 
 from backend import client as wire
-from backend import serve_token
-from backend.stages import QUEUED, SURFACE
+
+from backend import protocol
+from backend.server import token as serve_token
+from backend.protocol import Stage
+
+QUEUED, SURFACE = Stage.QUEUED, Stage.SURFACE
 
 IMAGE = TINY / "input_rgba.png"
 FAST = {"resolution": 64, "remove_background": False}
@@ -230,9 +234,9 @@ def test_health_summary_says_what_the_server_offers():
     assert line == "Server: TripoSR · 2 × NVIDIA H200 (200 GB free) · 1 running, 2 waiting"
     level, _, todo = wire.health_summary(dict(report, devices=[]))
     assert level == "WARNING" and "still be loading" in todo[0]
-    refused = wire.RemoteError("unauthorized", "The server refused the token", wire.UNAUTHORIZED_HINT)
+    refused = wire.RemoteError("unauthorized", "The server refused the token", wire.remote.UNAUTHORIZED_HINT)
     assert wire.health_summary(None, refused.to_dict()) == ("ERROR", "The server refused the token",
-                                                            [wire.UNAUTHORIZED_HINT])
+                                                            [wire.remote.UNAUTHORIZED_HINT])
 
 
 def test_the_client_checks_the_url_and_keeps_this_machines_options_here(tmp_path):
@@ -240,7 +244,7 @@ def test_the_client_checks_the_url_and_keeps_this_machines_options_here(tmp_path
         with pytest.raises(ValueError):
             wire.RemoteWorker(bad, "t" * 20)
     assert wire.RemoteWorker("https://gpu.studio.lan/image3d/", "t" * 20).parts.path == "/image3d"
-    body = json.loads(wire.request_body("generate", str(IMAGE), dict(FAST, weights="/mine", device="cuda",
+    body = json.loads(wire.remote.request_body("generate", str(IMAGE), dict(FAST, weights="/mine", device="cuda",
                                                                       u2net_path="/u2net.onnx")))
     assert body["options"] == FAST and body["image_name"] == IMAGE.name
     assert base64.b64decode(body["image"]) == IMAGE.read_bytes()
@@ -249,7 +253,7 @@ def test_the_client_checks_the_url_and_keeps_this_machines_options_here(tmp_path
 def test_an_unreachable_server_is_reported_on_the_job(tmp_path):
     w = wire.RemoteWorker(f"http://127.0.0.1:{free_port()}", "t" * 20, temp_dir=str(tmp_path / "jobs"))
     job = w.submit(str(IMAGE), FAST)
-    assert w.wait(30).state == wire.ERROR and job.error["code"] == "server_unreachable"
+    assert w.wait(30).state == protocol.ERROR and job.error["code"] == "server_unreachable"
     assert "Cannot reach the server at http://127.0.0.1:" in job.error["message"]
     assert "connection refused" in job.error["message"] and "Server URL" in job.error["hint"]
     assert not job.job_dir.exists() and not w.running
@@ -325,7 +329,7 @@ def test_generation_over_http_gives_the_cli_mesh_from_a_warm_replica(server, tmp
     w = server.client(tmp_path)
     job = w.submit(str(IMAGE), dict(FAST, weights="/not/on/the/server", device="cpu"))  # local options stay here
     events = collect(w)
-    assert job.state == wire.DONE, job.error
+    assert job.state == protocol.DONE, job.error
     assert Path(job.result_path).parent == job.job_dir and Path(job.result_path).name == "mesh.npz"
     assert not list(job.job_dir.glob(".*partial"))
     with np.load(tmp_path / "cli.npz") as cli, np.load(job.result_path) as ours:
@@ -349,7 +353,7 @@ def test_wrong_or_missing_token_gets_401_and_nothing_runs(server, tmp_path):
         assert answer["code"] == "unauthorized" and "token" in answer["message"]
     w = server.client(tmp_path, token="y" * 43)
     job = w.submit(str(IMAGE), FAST)
-    assert w.wait(60).state == wire.ERROR and job.error["code"] == "unauthorized"
+    assert w.wait(60).state == protocol.ERROR and job.error["code"] == "unauthorized"
     assert "Token" in job.error["hint"] and not job.job_dir.exists()
     time.sleep(1)
     assert server.replica_log().count(" after ") == jobs_before, "a job ran without the token"
@@ -369,7 +373,7 @@ def test_a_corrupt_or_oversized_image_gets_a_4xx_with_the_cli_message(server, tm
     (tmp_path / "broken.png").write_bytes(b"this is not an image")
     w = server.client(tmp_path)
     job = w.submit(str(tmp_path / "broken.png"), FAST)
-    assert w.wait(60).state == wire.ERROR and job.error["code"] == "bad_input"
+    assert w.wait(60).state == protocol.ERROR and job.error["code"] == "bad_input"
     assert job.error["message"] == cli_error(tmp_path, "broken.png", b"this is not an image")
     status, _, answer = post(server, body_of(IMAGE.read_bytes(), resolution=5000), server.token)
     assert status == 400 and answer["message"] == "resolution must be between 32 and 1024, got 5000"
@@ -387,10 +391,10 @@ def test_cancel_mid_job_ends_it_on_the_replica_which_serves_the_next(server, tmp
     assert not job.finished, "the job ended before it could be cancelled"
     w.cancel()
     w.wait(30)
-    assert job.state == wire.CANCELLED and not job.job_dir.exists() and job.result_path is None
+    assert job.state == protocol.CANCELLED and not job.job_dir.exists() and job.result_path is None
     wait_for_log(server, ": cancelled after", cancelled_before + 1)  # the replica stopped it between two chunks
     again = w.submit(str(IMAGE), FAST)
-    assert w.wait(120).state == wire.DONE, again.error
+    assert w.wait(120).state == protocol.DONE, again.error
     assert again.stats["model_cache"] == "hit" and server.generator_pids() == [pid], "the same replica, still warm"
 
 
@@ -407,7 +411,7 @@ def test_two_clients_with_one_replica_both_finish_one_told_its_place(server, tmp
     assert wire.health(server.url, server.token)["queue"] == {"waiting": 1, "running": 1}
     events_b = waiting + collect(second)
     collect(first)
-    assert job_a.state == wire.DONE and job_b.state == wire.DONE, (job_a.error, job_b.error)
+    assert job_a.state == protocol.DONE and job_b.state == protocol.DONE, (job_a.error, job_b.error)
     stages = [e["stage"] for e in events_b if e["event"] == "progress"]
     assert stages.index(SURFACE) > max(i for i, s in enumerate(stages) if s == QUEUED), "it ran after its wait"
 
@@ -416,14 +420,14 @@ def test_two_clients_with_one_replica_both_finish_one_told_its_place(server, tmp
 def test_bake_from_model_over_http(server, tmp_path):
     w = server.client(tmp_path)
     job = w.submit(str(IMAGE), FAST)
-    assert w.wait(120).state == wire.DONE, job.error
+    assert w.wait(120).state == protocol.DONE, job.error
     with np.load(job.result_path) as data:
         vertices, faces = data["vertices"], data["faces"]
     mesh = tmp_path / "polygons.npz"
     np.savez(mesh, vertices=vertices, corner_verts=faces.reshape(-1).astype(np.int32),
              loop_totals=np.full(len(faces), 3, np.int32))
     bake = w.submit(str(IMAGE), {"field_id": job.stats["field_id"], "texture": 512}, op="bake", mesh=str(mesh))
-    assert w.wait(180).state == wire.DONE, bake.error
+    assert w.wait(180).state == protocol.DONE, bake.error
     assert Path(bake.result_path).name == "bake.npz" and bake.stats["field"] == "cached"
     with np.load(bake.result_path) as data:
         assert data["texture"].shape == (512, 512, 3) and data["uvs"].shape == (faces.size, 2)
@@ -437,11 +441,11 @@ def test_a_replica_killed_mid_job_gives_a_clear_error_and_the_next_job_works(ser
     (dead,) = server.generator_pids()
     os.kill(dead, signal.SIGKILL)
     w.wait(60)
-    assert job.state == wire.ERROR and job.error["code"] == "backend_lost", job.error
+    assert job.state == protocol.ERROR and job.error["code"] == "backend_lost", job.error
     assert "backend was lost" in job.error["message"] and job.error["hint"]
     assert not job.job_dir.exists()
     again = w.submit(str(IMAGE), FAST)
-    assert w.wait(300).state == wire.DONE, again.error
+    assert w.wait(300).state == protocol.DONE, again.error
     assert dead not in server.generator_pids() and len(server.generator_pids()) == 1, "Serve replaced it"
 
 

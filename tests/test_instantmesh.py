@@ -18,7 +18,8 @@ from backend.errors import Cancelled, InputError, WeightsError
 from backend.models import flexicubes as fc
 from backend.models import instantmesh as im
 from backend.models.checkpoint import check_state_dict
-from backend.pipeline import Options, _Stages
+from backend.options import Options
+from backend.progress import Stages
 
 TINY = DATA / "instantmesh_tiny"
 CONFIG, CKPT, GRID = TINY / "tiny_config.yaml", TINY / "tiny_instant_mesh.ckpt", TINY / "views_grid_960x640.png"
@@ -120,7 +121,7 @@ def test_mesh_and_colours_from_planes(model, expected):
     assert np.abs(ours - expected["mesh_vertex_colors"][index]).max() <= 1
 
 
-class Recorder(_Stages):
+class Recorder(Stages):
     def __init__(self, cancel_in=None):
         self.events = []
         super().__init__(lambda stage, fraction, message: self.events.append((stage, fraction)),

@@ -85,6 +85,7 @@ def test_worker_reports_each_step_and_hands_back_the_views(tmp_path, full_folder
     """What Blender's operator sees: per-step progress, then the mesh and the views grid in the job folder,
     the same mesh as the CLI gives for the same seed; a cancel lands between two steps."""
     from backend import client as wire
+    from backend import protocol
     from backend import licences
 
     monkeypatch.setenv("IMAGE_TO_3D_CONFIG_DIR", str(tmp_path / "config"))
@@ -96,7 +97,7 @@ def test_worker_reports_each_step_and_hands_back_the_views(tmp_path, full_folder
     try:
         job = w.submit(str(image), options)
         w.wait(timeout=300)
-        assert job.state == wire.DONE, (job.error, w.log_tail())
+        assert job.state == protocol.DONE, (job.error, w.log_tail())
         assert job.views_path == str(job.job_dir / "views.png")
         with Image.open(job.views_path) as grid:
             assert grid.size == (640, 960)
@@ -119,7 +120,7 @@ def test_worker_reports_each_step_and_hands_back_the_views(tmp_path, full_folder
             time.sleep(0.005)
         w.cancel()
         w.wait(timeout=60)
-        assert job.state == wire.CANCELLED and w.running  # stopped between steps, the worker lives on
+        assert job.state == protocol.CANCELLED and w.running  # stopped between steps, the worker lives on
         assert any("step 1/400" in m for m in steps_seen)
         assert not job.job_dir.exists()
     finally:

@@ -9,7 +9,8 @@ from support import OPENLRM_TINY, TINY, run_backend
 from backend import licences
 from backend.errors import LicenceNotAccepted
 from backend.models import registry
-from backend.pipeline import Options, generate
+from backend.options import Options
+from backend.pipeline import generate
 
 IMAGE = OPENLRM_TINY / "input.png"
 THRESHOLD = 0.365  # the tiny models' density is far below the real models' default, 3.0

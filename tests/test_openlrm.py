@@ -17,7 +17,8 @@ from backend.errors import InputError, WeightsError
 from backend.models import openlrm
 from backend.models.triplane import sample_planes
 from backend.models.vit import resize_position_embeddings
-from backend.pipeline import Options, _Stages
+from backend.options import Options
+from backend.progress import Stages
 
 # variant -> (folder, source size of its fixture)
 VARIANTS = {"separate": (OPENLRM_TINY, 224), "packed": (OPENLRM_TINY / "packed", 336)}
@@ -99,7 +100,7 @@ def test_reconstruct_from_the_image_file(variant):
     conditioning = preprocess.prepare(image, recipe="openlrm", remove_background=False)
     assert max_error(preprocess.to_openlrm_input(conditioning, source_size), e["preprocessed_image"]) <= 1e-6
     options = Options(resolution=32, threshold=float(e["mesh_thres"]), source_size=source_size)
-    mesh = model.reconstruct(conditioning, options, _Stages(None, None))
+    mesh = model.reconstruct(conditioning, options, Stages(None, None))
     assert len(mesh.vertices) == len(e["mesh32_vertices"]) and len(mesh.faces) == len(e["mesh32_faces"])
     # Already in Blender's frame: vertices are the reference's, unchanged.
     assert cKDTree(e["mesh32_vertices"]).query(mesh.vertices)[0].max() <= 1e-4
@@ -143,12 +144,12 @@ def test_other_source_sizes_run_and_wrong_ones_are_refused():
     conditioning = preprocess.prepare(image, recipe="openlrm", remove_background=False)
     thres = float(np.load(OPENLRM_TINY / "expected.npz")["mesh_thres"])
     mesh = model.reconstruct(conditioning, Options(resolution=32, threshold=thres, source_size=252),
-                             _Stages(None, None))
+                             Stages(None, None))
     assert mesh.stats["source_size"] == 252 and len(mesh.faces) > 0
-    default = model.reconstruct(conditioning, Options(resolution=32, threshold=thres), _Stages(None, None))
+    default = model.reconstruct(conditioning, Options(resolution=32, threshold=thres), Stages(None, None))
     assert default.stats["source_size"] == 224
     with pytest.raises(InputError, match="not a multiple of the image encoder's 14-pixel patches") as e:
-        model.reconstruct(conditioning, Options(resolution=32, threshold=thres, source_size=300), _Stages(None, None))
+        model.reconstruct(conditioning, Options(resolution=32, threshold=thres, source_size=300), Stages(None, None))
     assert "294 or 308" in e.value.hint
 
 
@@ -301,7 +302,7 @@ def test_cli_default_path_recentres_like_the_demo(tmp_path):
     recentred = np.asarray(preprocess.load_image(OPENLRM_TINY / "preprocess" / "alpha_probe__app_recenter512.png"))
     model = openlrm.load(folder, torch.device("cpu"))
     expected = model.reconstruct(recentred, Options(resolution=32, threshold=thres, source_size=336),
-                                 _Stages(None, None))
+                                 Stages(None, None))
     mesh = meshio.load_npz(out)
     assert len(mesh.faces) == len(expected.faces) and np.allclose(mesh.vertices, expected.vertices, atol=1e-6)
     assert np.array_equal(mesh.colors, expected.colors)

@@ -11,12 +11,17 @@ import torch
 from scipy.spatial import cKDTree
 
 from backend import client as wire
-from backend import postprocess, stages
+
+from backend import protocol
+from backend import postprocess
+from backend.protocol import Stage
 from backend.errors import Cancelled
 from backend.field import FieldCache
 from backend.mesh import load_npz, triangulate
 from backend.models import registry
-from backend.pipeline import Options, _Stages, generate
+from backend.options import Options
+from backend.pipeline import generate
+from backend.progress import Stages
 from backend.postprocess import quads as quads_module
 from support import DATA, ROOT, TINY, run_backend
 
@@ -160,7 +165,7 @@ def test_texture_alone_reduces_to_the_default_budget():
     assert "for the texture" in mesh.stats["notes"][0]
 
 
-@pytest.mark.parametrize("stage", [stages.REDUCE, stages.UNWRAP, stages.BAKE])
+@pytest.mark.parametrize("stage", [Stage.REDUCE, Stage.UNWRAP, Stage.BAKE])
 def test_cancel_in_each_new_stage(stage):
     seen = []
 
@@ -250,7 +255,7 @@ def worker(tmp_path, monkeypatch):
 
 def wait(w, timeout=300):
     job = w.wait(timeout)
-    assert job.state == wire.DONE, job.error
+    assert job.state == protocol.DONE, job.error
     return job
 
 
@@ -272,29 +277,29 @@ def test_bake_from_model_on_an_edited_mesh_and_after_the_cache_is_gone(worker, t
         while not job.finished:
             seen |= {e.get("stage") for e in worker.poll() if e.get("event") == "progress"}
             time.sleep(0.005)
-        assert job.state == wire.DONE, job.error
+        assert job.state == protocol.DONE, job.error
         with np.load(job.result_path) as data:
             result = data["texture"], data["uvs"]
         job.cleanup()
         return result, seen, job.stats
 
     (texture, uvs), seen, stats = bake()
-    assert stats["uvs"] == "made" and stats["field"] == "cached" and stages.FIELD not in seen
+    assert stats["uvs"] == "made" and stats["field"] == "cached" and Stage.FIELD not in seen
     assert stats["source_size"] == 64  # what made the field travels with it
-    assert uvs.shape == (faces.size, 2) and {stages.UNWRAP, stages.BAKE} <= seen
+    assert uvs.shape == (faces.size, 2) and {Stage.UNWRAP, Stage.BAKE} <= seen
     # Compare with the field at the edited surface (reference: the same tiny model, its field recomputed here).
     spec = registry.get("triposr")
     model = registry.load(spec, str(TINY), torch.device("cpu"))
     planes, _ = model.make_planes(__import__("backend.preprocess", fromlist=["x"]).prepare(
         __import__("backend.preprocess", fromlist=["x"]).load_image(IMAGE), recipe=spec.preprocessing,
-        remove_background=False, foreground_ratio=None, u2net_path=None), Options(**BASE), _Stages(None, None))
+        remove_background=False, foreground_ratio=None, u2net_path=None), Options(**BASE), Stages(None, None))
     points, point_uvs = surface_points(vertices, faces, uvs.reshape(-1, 3, 2), 20000, seed=3)
     error = np.abs(bilinear(texture, point_uvs) - model.colour_field(planes)(points)).mean()
     assert error <= 2 / 255, error
 
     shutil.rmtree(tmp_path / "fields")  # another machine, a cleaned folder: the field is recomputed
     (texture2, uvs2), seen2, stats2 = bake()
-    assert stages.FIELD in seen2 and stats2["field_id"] == field_id
+    assert Stage.FIELD in seen2 and stats2["field_id"] == field_id
     assert np.array_equal(uvs2, uvs)
     assert np.abs(texture2.astype(int) - texture).max() <= 1
 
@@ -322,7 +327,7 @@ def test_bake_refuses_a_broken_mesh_and_the_worker_lives_on(worker, tmp_path):
              loop_totals=np.array([3]))
     worker.submit(str(IMAGE), dict(BASE, texture=512, field_id="0" * 32), op="bake", mesh=str(mesh_path))
     job = worker.wait(120)
-    assert job.state == wire.ERROR and job.error["code"] == "bad_input"
+    assert job.state == protocol.ERROR and job.error["code"] == "bad_input"
     assert "does not exist" in job.error["message"]
     worker.submit(str(IMAGE), BASE)
     wait(worker)
@@ -330,12 +335,12 @@ def test_bake_refuses_a_broken_mesh_and_the_worker_lives_on(worker, tmp_path):
 
 def test_cancel_while_baking_leaves_no_job_folder(worker):
     job = worker.submit(str(IMAGE), dict(BASE, resolution=128, texture=4096))
-    while job.stage != stages.BAKE and not job.finished:
+    while job.stage != Stage.BAKE and not job.finished:
         worker.poll()
         time.sleep(0.005)
     worker.cancel()
     worker.wait(60)
-    assert job.state == wire.CANCELLED
+    assert job.state == protocol.CANCELLED
     assert not job.job_dir.exists()
 
 

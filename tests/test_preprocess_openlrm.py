@@ -92,7 +92,7 @@ def test_foreground_ratio_sets_the_object_size():
 
 
 def test_default_foreground_ratio_per_recipe():
-    from backend.models.registry import FOREGROUND_RATIO
+    from backend.options import FOREGROUND_RATIO
 
     assert FOREGROUND_RATIO == {"triposr": 0.85, "openlrm": 0.8, "instantmesh": 0.85}  # instantmesh.md §1.2
     with pytest.raises(ValueError, match="unknown preprocessing recipe"):

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import WeightsError
+from ..errors import WeightsError, first_line
 
 
 def load_torch_file(path: Path, entry: str | None = None) -> dict:
@@ -27,7 +27,7 @@ def load_torch_file(path: Path, entry: str | None = None) -> dict:
         data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, OSError, ValueError) as e:
         raise WeightsError(
-            f"{path.name} could not be read as a PyTorch checkpoint ({_first_line(e)})",
+            f"{path.name} could not be read as a PyTorch checkpoint ({first_line(e, 200)})",
             hint="The file is corrupt, incomplete or not the official one: download it again.") from e
     if entry is not None:
         if not isinstance(data, dict) or entry not in data:
@@ -53,7 +53,7 @@ def load_safetensors_file(path: Path) -> dict:
         return load_file(path, device="cpu")
     except (SafetensorError, OSError, ValueError) as e:
         raise WeightsError(
-            f"{path.name} could not be read as a safetensors file ({_first_line(e)})",
+            f"{path.name} could not be read as a safetensors file ({first_line(e, 200)})",
             hint="The file is corrupt, incomplete or not the official one: download it again.") from e
 
 
@@ -83,11 +83,6 @@ def assign_weights(model: nn.Module, state: dict, source: str) -> nn.Module:
         raise WeightsError(f"{source} has tensors of an unexpected type: {', '.join(odd[:3])}")
     model.load_state_dict(state, strict=True, assign=True)
     return model.eval().requires_grad_(False)
-
-
-def _first_line(e: Exception) -> str:
-    text = str(e).strip().splitlines()
-    return text[0][:200] if text else type(e).__name__
 
 
 def named(**children: nn.Module) -> nn.Module:

@@ -1,5 +1,5 @@
 """DINOv2 ViT with register tokens, the image encoder of OpenLRM (module names = its checkpoint keys under
-``encoder.model.``: ``blocks.N.attn.qkv``, ``blocks.N.ls1.gamma``, ...). Spec: shared/specs/openlrm.md §3.
+``encoder.model.``: ``blocks.N.attn.qkv``, ``blocks.N.ls1.gamma``, ...). As OpenLRM's vendored DINOv2 names them.
 
 Tokens: 14-pixel patches, CLS prepended, learned position embeddings (trained for 518-pixel images,
 resized bicubic with antialiasing for other sizes), then register tokens inserted after CLS without

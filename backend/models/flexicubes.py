@@ -15,7 +15,7 @@ The lookup tables are derived here from first principles (:func:`derive_tables`)
 Conventions shared with the network's outputs (they index its channels): corner c = (c & 1, c >> 1 & 1,
 c >> 2 & 1) in (x, y, z); the 12 edges in :data:`EDGES` order (β channel e is edge e, α channel c is
 corner c); cube (i, j, k) has linear index (i·R + j)·R + k, as do the (R+1)³ vertices.
-Spec: shared/specs/instantmesh.md §2.4.
+The layout of the reference's FlexiCubes (InstantMesh's ``src/models/geometry``).
 """
 
 from __future__ import annotations

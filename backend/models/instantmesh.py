@@ -11,7 +11,7 @@ Stage 1 (Zero123++ making the views from one image) is not here: this takes the 
 Memory: the reference evaluates every head on all (R+1)³ vertices and all R³ cubes at once (16 GB at
 R = 128 for large). Here the SDF is evaluated first, slab by slab; deformation and weights are then
 evaluated on the cubes the surface crosses only, in chunks. FlexiCubes reads nothing else, so the
-result is the same. Spec: shared/specs/instantmesh.md §2–3.
+result is the same. Checked against the reference's outputs in tests/data/instantmesh_tiny.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from torch import nn
 from ..errors import InputError, WeightsError
 from ..field import ColourField
 from ..mesh import Mesh, truncate_to_bytes
-from ..stages import COLOR, ENCODE, SURFACE, TRIPLANE
+from ..protocol import Stage
 from . import flexicubes
 from .checkpoint import assign_weights, load_safetensors_file, load_torch_file, named
 from .lrm_transformer import TransformerDecoder, upsample_triplanes
@@ -239,9 +239,9 @@ class SparseViewLRM(nn.Module):
 
     def planes_from_views(self, grid, options, stages) -> tuple[torch.Tensor, dict]:
         """Stage 2's field from the 960×640 grid of six views (path, PIL image or uint8 array)."""
-        stages.begin(ENCODE, "encoding the views")
+        stages.begin(Stage.ENCODE, "encoding the views")
         feats = self.encode(views_from_grid(grid), input_cameras(), stages.check)
-        stages.begin(TRIPLANE, "building triplanes")
+        stages.begin(Stage.TRIPLANE, "building triplanes")
         return self.triplanes(feats, stages.check), {"views": GRID_ROWS * GRID_COLS}
 
     def reconstruct_views(self, grid, options, stages) -> Mesh:
@@ -339,12 +339,12 @@ class InstantMesh(SparseViewLRM):
 
     def surface(self, planes: torch.Tensor, res: int, options, stages):
         """FlexiCubes, unused dual vertices dropped, colours clamped to [0, 1]."""
-        stages.begin(SURFACE, f"FlexiCubes at {res}³")
+        stages.begin(Stage.SURFACE, f"FlexiCubes at {res}³")
         vertices, faces = self.extract_geometry(planes, res, on_fraction=stages.update)
         if len(faces) == 0:
             raise InputError("no surface found: the model sees no object in these views",
                              hint="Use views of one clear object on a white background.")
-        stages.begin(COLOR, "colouring vertices")
+        stages.begin(Stage.COLOR, "colouring vertices")
         used, faces = torch.unique(faces, return_inverse=True)
         vertices = vertices[used]
         return vertices.numpy(), faces.numpy(), self.colors(planes, vertices).clamp(0, 1).numpy()

@@ -1,7 +1,7 @@
 """OpenLRM's triplane transformer: learned triplane tokens refined by blocks of cross-attention to the
 image features, self-attention and an MLP, each after a LayerNorm modulated by the camera embedding
 (adaLN: ``LN(x)·(1 + scale) + shift``). Module names follow the official checkpoint
-(``layers.N.norm1.mlp.1``, ``layers.N.cross_attn.in_proj_weight``, ...). Spec: shared/specs/openlrm.md §5.
+(``layers.N.norm1.mlp.1``, ``layers.N.cross_attn.in_proj_weight``, ...). As OpenLRM's transformer names them.
 
 Without a modulation width (``mod_dim=None``) the same blocks use plain LayerNorms with torch's default
 eps 1e-5 (InstantMesh: ``layers.N.norm1.weight``; its ``eps`` argument never reached them).

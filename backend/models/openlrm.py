@@ -4,7 +4,7 @@ upsampled triplanes -> MLP density/colour -> marching cubes.
 
 Loads the official folder unchanged: ``config.json`` (the model's constructor arguments) +
 ``model.safetensors`` (every weight, the encoder's included), strictly: every key, shape and dtype.
-Spec: shared/specs/openlrm.md.
+Written from the reference (3DTopia/OpenLRM); checked against its outputs in tests/data/openlrm_tiny.
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ from torch import nn
 
 from .. import surface
 from ..errors import WeightsError
-from ..field import ColourField, SingleImageModel
-from ..stages import ENCODE, TRIPLANE
+from ..field import ColourField
+from .single_image import SingleImageModel
+from ..protocol import Stage
 from ..mesh import Mesh, truncate_to_bytes
 from .checkpoint import assign_weights, load_safetensors_file, named
 from .dinov2 import KNOWN_BACKBONES, DinoV2, DinoV2Config
@@ -167,15 +168,15 @@ class OpenLRM(SingleImageModel, nn.Module):
     def make_planes(self, conditioning: np.ndarray, options, stages) -> tuple[torch.Tensor, dict]:
         """The prepared image -> this object's triplanes (3, C, H, W), and what was used."""
         from .. import preprocess
-        from ..pipeline import check_source_size
+        from ..options import check_source_size
 
         size = options.source_size or self.default_source_size
         if size is None:
             raise ValueError("no source size: set options.source_size or load the model with a default")
         size = check_source_size(int(size), self.patch_size)
-        stages.begin(ENCODE, "encoding the image")
+        stages.begin(Stage.ENCODE, "encoding the image")
         features = self.encode(preprocess.to_openlrm_input(conditioning, size), stages.check)
-        stages.begin(TRIPLANE, "building triplanes")
+        stages.begin(Stage.TRIPLANE, "building triplanes")
         camera = self.embed_camera(source_camera())
         return self.upsample(self.transform(features, camera, stages.check))[0], {"source_size": size}
 

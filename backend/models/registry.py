@@ -10,13 +10,13 @@ Standard library only: Blender imports this module for its model list and downlo
 from __future__ import annotations
 
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
 from ..errors import InputError, WeightsError
-from ..hub import RemoteFile, human_size
+from ..hub import RemoteFile, default_store, human_size
+from ..options import FOREGROUND_RATIO
 
 
 @dataclass(frozen=True)
@@ -91,7 +91,6 @@ def _instantmesh_loader(size: str, variant: str):
 
 
 # How much of the frame the object fills, per preprocessing recipe (OpenLRM: a border ratio of 0.2).
-FOREGROUND_RATIO = {"triposr": 0.85, "openlrm": 0.8, "instantmesh": 0.85}
 
 TRIPOSR_REVISION = "5b521936b01fbe1890f6f9baed0254ab6351c04a"
 
@@ -191,19 +190,6 @@ def get(model_id: str) -> ModelSpec:
         return MODELS[ALIASES.get(model_id, model_id)]
     except KeyError:
         raise InputError(f"unknown model {model_id!r}; available: {', '.join([*MODELS, *ALIASES])}") from None
-
-
-def default_store() -> Path:
-    """The model store: ``IMAGE_TO_3D_MODELS``, else the platform's per-user data folder."""
-    if os.environ.get("IMAGE_TO_3D_MODELS"):
-        return Path(os.environ["IMAGE_TO_3D_MODELS"]).expanduser()
-    if sys.platform == "win32":
-        base = Path(os.environ.get("LOCALAPPDATA", Path.home() / "AppData" / "Local"))
-    elif sys.platform == "darwin":
-        base = Path.home() / "Library" / "Application Support"
-    else:
-        base = Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share"))
-    return base / "image_to_3d" / "models"
 
 
 def store_folder(spec: ModelSpec, store: Optional[Path] = None) -> Path:

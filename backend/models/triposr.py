@@ -2,7 +2,7 @@
 transformer -> upsampled triplanes -> NeRF MLP density/colour -> marching cubes.
 
 Loads the official folder unchanged: ``config.yaml`` + ``model.ckpt`` (transformers-4.35 key names).
-Spec: shared/specs/triposr.md.
+Written from the reference (VAST-AI-Research/TripoSR, ``tsr/``); checked against its outputs in tests/data/triposr_tiny.
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ from torch import nn
 
 from .. import surface
 from ..errors import WeightsError
-from ..field import ColourField, SingleImageModel
-from ..stages import ENCODE, TRIPLANE
+from ..field import ColourField
+from .single_image import SingleImageModel
+from ..protocol import Stage
 from ..mesh import Mesh
 from .checkpoint import assign_weights, load_torch_file
 from .transformer import Transformer1D
@@ -184,13 +185,13 @@ class TripoSR(SingleImageModel, nn.Module):
     def make_planes(self, conditioning: np.ndarray, options, stages) -> tuple[torch.Tensor, dict]:
         """The prepared image -> this object's triplanes (3, C, H, W), and what was used."""
         from .. import preprocess
-        from ..pipeline import check_source_size
+        from ..options import check_source_size
 
         size = check_source_size(int(options.source_size or self.cfg.cond_image_size), self.cfg.vit.patch_size)
-        stages.begin(ENCODE, "encoding the image")
+        stages.begin(Stage.ENCODE, "encoding the image")
         rgb = preprocess.to_model_input(conditioning, size)
         tokens = self.encode(rgb, stages.check)
-        stages.begin(TRIPLANE, "building triplanes")
+        stages.begin(Stage.TRIPLANE, "building triplanes")
         return self.triplanes(tokens, stages.check)[0], {"source_size": size}
 
     def mesh_from(self, planes: torch.Tensor, options, stages) -> Mesh:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import stages as stage
+from ..protocol import Stage
 from ..errors import InputError
 from ..mesh import Mesh
 
@@ -28,7 +28,7 @@ def run(mesh: Mesh, colour_field, options, stages) -> Mesh:
     if target is not None and options.quads:
         from .quads import QuadsFailed, quad_remesh
 
-        stages.begin(stage.REDUCE, f"quad remeshing to about {target:,} faces")
+        stages.begin(Stage.REDUCE, f"quad remeshing to about {target:,} faces")
         try:
             vertices, faces = quad_remesh(vertices, faces, target)
             quads = True
@@ -40,7 +40,7 @@ def run(mesh: Mesh, colour_field, options, stages) -> Mesh:
         else:
             from .reduce import reduce
 
-            stages.begin(stage.REDUCE, f"{len(faces):,} -> {target:,} faces")
+            stages.begin(Stage.REDUCE, f"{len(faces):,} -> {target:,} faces")
             vertices, faces = reduce(vertices, faces, target)
     if vertices is not mesh.vertices:
         stages.update(0.9, "colouring the new vertices from the field")
@@ -63,7 +63,7 @@ def texture_for(vertices, faces, colour_field, size: int, stages):
     from ..mesh import triangulate
     from .atlas import unwrap_faces
 
-    stages.begin(stage.UNWRAP, f"UV atlas for {len(faces):,} faces")
+    stages.begin(Stage.UNWRAP, f"UV atlas for {len(faces):,} faces")
     faces, uvs, _, split = unwrap_faces(vertices, faces, size)
     tris, tri_uvs = triangulate(faces, uvs)
     return faces, uvs, _bake(vertices, tris, tri_uvs, size, colour_field, stages), split
@@ -83,7 +83,7 @@ def bake_polygons(vertices, corner_verts, loop_totals, uvs, colour_field, size: 
         raise ValueError("a loop names a vertex that does not exist")
     stats = {"polygons": int(len(loop_totals)), "uvs": "given" if uvs is not None else "made"}
     if uvs is None:
-        stages.begin(stage.UNWRAP, f"UV atlas for {len(loop_totals):,} polygons")
+        stages.begin(Stage.UNWRAP, f"UV atlas for {len(loop_totals):,} polygons")
         uvs, stats["polygons_apart"], broken, _ = unwrap(vertices, corner_verts, loop_totals, size)
         if broken.any():  # the artist's polygons are theirs: no splitting here
             raise InputError(f"the UV atlas cuts {int(broken.sum()):,} of the object's polygons in two",
@@ -98,6 +98,6 @@ def bake_polygons(vertices, corner_verts, loop_totals, uvs, colour_field, size: 
 def _bake(vertices, tris, tri_uvs, size: int, colour_field, stages) -> np.ndarray:
     from . import bake
 
-    stages.begin(stage.BAKE, f"{size}² texture from the field")
+    stages.begin(Stage.BAKE, f"{size}² texture from the field")
     texture, _ = bake.bake(vertices, tris, tri_uvs, size, colour_field, on_fraction=stages.update)
     return texture

@@ -70,12 +70,13 @@ def run(folder: Path, size: str, variant: str, resolution: int) -> dict:
 
     sys.path.insert(0, str(ROOT))
     from backend.models import instantmesh as im
-    from backend.pipeline import Options, _Stages
+    from backend.options import Options
+    from backend.progress import Stages
 
     t0 = time.perf_counter()
     model = im.load(folder / f"instant-{variant}-{size}.yaml", torch.device("cpu"))
     load_s = time.perf_counter() - t0
-    stages = _Stages(None, None)
+    stages = Stages(None, None)
     t0 = time.perf_counter()
     mesh = model.reconstruct_views(GRID, Options(resolution=resolution), stages)
     stages.end()

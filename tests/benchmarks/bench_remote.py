@@ -39,6 +39,8 @@ sys.path.insert(0, str(ROOT))
 
 from backend import client as wire  # noqa: E402
 
+from backend import protocol
+
 TINY = ROOT / "tests" / "data" / "triposr_tiny"
 IMAGE = TINY / "input_rgba.png"
 TOKEN = "bench-remote-token-" + "5" * 24
@@ -51,7 +53,7 @@ def timed_jobs(transport, options: dict, count: int) -> list:
         started = time.perf_counter()
         job = transport.submit(str(IMAGE), options)
         transport.wait(600)
-        if job.state != wire.DONE:
+        if job.state != protocol.DONE:
             raise SystemExit(f"a job failed: {job.error}")
         seconds.append((time.perf_counter() - started, job.stats["total_seconds"]))
         job.cleanup()

@@ -107,22 +107,25 @@ def generate_module():
     return addon_module("operators.generate")
 
 
+def jobs_module():
+    return addon_module("operators.jobs")
+
+
 def session():
-    return addon_module("session")
+    return addon_module("backend.client.session")
 
 
 def leftover_files() -> list:
     """Files left in the add-on's job folders."""
-    root = generate_module().temp_root()
+    root = jobs_module().temp_root()
     return [os.path.join(d, f) for d, _, files in os.walk(root) for f in files] if os.path.isdir(root) else []
 
 
 def start_async():
     """Generate 3D as the UI runs it: execute() returns at once, the timer does the rest."""
     assert bpy.ops.image_to_3d.generate(run_async=True) == {"FINISHED"}
-    gen = generate_module()
-    (job_id,) = gen.TIMERS
-    timer = gen.TIMERS[job_id]
+    (job_id,) = jobs_module().TIMERS
+    timer = jobs_module().TIMERS[job_id]
     assert bpy.app.timers.is_registered(timer)
     return timer
 

@@ -9,13 +9,13 @@ import bpy
 import numpy as np
 import pytest
 
-from .conftest import INPUT_IMAGE, addon_module, generate_module, panel_text, session
+from .conftest import INPUT_IMAGE, addon_module, generate_module, jobs_module, panel_text, session
 
-GAP = 0.1  # operators/batch.py: between two neighbours, as a fraction of the wider one
+GAP = 0.1  # operators/results.py: between two neighbours, as a fraction of the wider one
 
 
 def batch_module():
-    return addon_module("operators.batch")
+    return addon_module("operators.jobs")
 
 
 def image_folder(tmp_path, names, corrupt=()):
@@ -34,22 +34,21 @@ def choose(folder, names=()):
 
 
 def job_root_entries():
-    root = generate_module().temp_root()
+    root = jobs_module().temp_root()
     return os.listdir(root) if os.path.isdir(root) else []
 
 
 def drive(condition=lambda: False, timeout=300):
     """Run the ticks the timers would (they never fire in bpy-as-module), job after job, until the batch
     ends (True) or ``condition()`` holds (False). Returns that and the worker pids seen."""
-    gen = generate_module()
     pids = set()
     deadline = time.monotonic() + timeout
-    while gen.TIMERS:
+    while jobs_module().TIMERS:
         if time.monotonic() > deadline:
-            raise TimeoutError(gen.TIMERS)
+            raise TimeoutError(jobs_module().TIMERS)
         if session().current() is not None:
             pids.add(session().current().pid)
-        timer = next(iter(gen.TIMERS.values()))
+        timer = next(iter(jobs_module().TIMERS.values()))
         if timer() is None:
             if bpy.app.timers.is_registered(timer):
                 bpy.app.timers.unregister(timer)

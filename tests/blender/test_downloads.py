@@ -75,7 +75,7 @@ def test_offline_generation_with_missing_files_names_them(settings, store):
     assert str(store / "triposr") in settings.last_error
     hint = settings.last_hint
     assert "config.yaml (987 B)" in hint and "model.ckpt (1.7 GB)" in hint and str(store / "triposr") in hint
-    worker_env = addon_module("session").current().env
+    worker_env = addon_module("backend.client.session").current().env
     assert worker_env["HF_HUB_OFFLINE"] == "1" and worker_env["IMAGE_TO_3D_OFFLINE"] == "1"
     assert worker_env["IMAGE_TO_3D_MODELS"] == str(store)
 
@@ -142,6 +142,6 @@ def test_download_progress_cancel_and_resume(addon, store, online, config_dir, m
     assert (store / SMALL / "model.safetensors").stat().st_size == weights.size and not partial.exists()
     assert (store / "checksums.json").is_file()  # the sha256 recorded on first download, enforced from then on
     assert env().OUTCOMES[key]["message"] == "Downloaded and verified"
-    assert addon_module("catalog").where_is(SMALL, store)[0] == "store"
+    assert addon_module("backend.client.catalog").where_is(SMALL, store)[0] == "store"
     assert "Ready, downloaded" in prefs_text()
     prefs().hf_token = ""

@@ -13,7 +13,7 @@ import bpy
 import numpy as np
 import pytest
 
-from .conftest import (ADDON, BACKEND_PYTHON, INPUT_IMAGE, ROOT, TINY_MODEL, generate_module, leftover_files, session,
+from .conftest import (ADDON, BACKEND_PYTHON, INPUT_IMAGE, ROOT, TINY_MODEL, addon_module, generate_module, leftover_files, session,
                        start_async, tick_until)
 
 SLOW_RESOLUTION = 512  # ~9 s of surface extraction, in chunks: time to cancel or kill mid-job
@@ -182,11 +182,10 @@ def test_bad_settings_reach_the_panel(settings):
 
 
 def test_generated_and_packed_images_are_sent_as_png(settings, tmp_path):
-    gen = generate_module()
     image = bpy.data.images.new("painted", 32, 16, alpha=True)
     pixels = np.random.default_rng(0).integers(0, 256, (16, 32, 4)).astype(np.float32) / 255
     image.pixels.foreach_set(pixels.ravel())
-    path = gen.image_file_for_worker(image, str(tmp_path))
+    path = addon_module("operators.results").image_file_for_worker(image, str(tmp_path))
     assert path.startswith(str(tmp_path)) and path.endswith(".png")
     back = bpy.data.images.load(path)
     got = np.empty(32 * 16 * 4, dtype=np.float32)
@@ -195,7 +194,7 @@ def test_generated_and_packed_images_are_sent_as_png(settings, tmp_path):
 
     packed = bpy.data.images.load(str(INPUT_IMAGE), check_existing=False)
     packed.pack()
-    path = gen.image_file_for_worker(packed, str(tmp_path))
+    path = addon_module("operators.results").image_file_for_worker(packed, str(tmp_path))
     assert path != str(INPUT_IMAGE) and os.path.getsize(path) > 0
 
 

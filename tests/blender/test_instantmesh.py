@@ -109,7 +109,7 @@ def test_generate_draws_views_step_by_step_then_imports_mesh_and_views(settings,
 
     assert bpy.ops.image_to_3d.generate(run_async=True) == {"FINISHED"}
     (timer,) = gen().TIMERS.values()
-    job = addon_module("session").current_job()
+    job = addon_module("backend.client.session").current_job()
     seen, shown = set(), ""
     deadline = time.monotonic() + 300
     while timer() is not None:
@@ -151,7 +151,7 @@ def test_cancel_during_view_generation_leaves_nothing(settings):
     images_before = set(bpy.data.images.keys())
     assert bpy.ops.image_to_3d.generate(run_async=True) == {"FINISHED"}
     (timer,) = gen().TIMERS.values()
-    job = addon_module("session").current_job()
+    job = addon_module("backend.client.session").current_job()
     deadline = time.monotonic() + 120
     while "step 2/400" not in job.message:
         assert timer() is not None and time.monotonic() < deadline, job

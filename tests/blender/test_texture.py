@@ -16,7 +16,7 @@ import bpy
 import numpy as np
 import pytest
 
-from .conftest import addon_module, generate_module, panel_text, session
+from .conftest import addon_module, generate_module, jobs_module, panel_text, session
 
 # A hand-made result: a box of 8 vertices, 4 quads and 4 triangles (two sides split), per-corner UVs.
 BOX_VERTICES = np.array([[-1, -1, -2], [1, -1, -2], [1, 1, -2], [-1, 1, -2],
@@ -40,7 +40,7 @@ class StandInWorker:
 
     def __init__(self, answer):
         self.answer = answer  # answer(request, output_dir) -> (result path, stats)
-        self.temp_dir = generate_module().temp_root()
+        self.temp_dir = jobs_module().temp_root()
         self.requests = []
         self.job = None
         self._ids = itertools.count(1)
@@ -170,7 +170,7 @@ def test_a_textured_quad_result_arrives_as_quads_with_uvs_a_packed_texture_and_i
     assert (color.data_type, color.domain) == ("FLOAT_COLOR", "POINT")
     rgba = np.empty(len(mesh.vertices) * 4, dtype=np.float32)
     color.data.foreach_get("color", rgba)
-    linear = addon_module("core.mesh_arrays").srgb_to_linear(BOX_COLORS)
+    linear = addon_module("backend.colour").srgb_to_linear(BOX_COLORS)
     np.testing.assert_allclose(rgba.reshape(-1, 4)[:, :3], linear, atol=1e-6)
 
     stored = obj["image_to_3d"].to_dict()
@@ -196,12 +196,12 @@ def test_an_untextured_triangle_result_keeps_the_vertex_colour_material(stand_in
 def test_the_panel_sends_what_output_says_and_the_object_stores_it(stand_in):
     settings = bpy.context.scene.image_to_3d
     gen = generate_module()
-    options = gen.job_options(settings, None)
+    options = addon_module("operators.job_options").job_options(settings, None)
     assert (options["faces"], options["quads"], options["texture"]) == (None, False, None)
     settings.quads = True  # without a face budget there is nothing to remesh to
-    assert gen.job_options(settings, None)["quads"] is False
+    assert addon_module("operators.job_options").job_options(settings, None)["quads"] is False
     settings.faces, settings.texture = 2000, "1024"
-    options = gen.job_options(settings, None)
+    options = addon_module("operators.job_options").job_options(settings, None)
     assert (options["faces"], options["quads"], options["texture"]) == (2000, True, 1024)
 
     obj = generate(stand_in)
@@ -220,7 +220,7 @@ def test_the_output_section_and_the_generated_object_buttons(stand_in):
 
     settings = bpy.context.scene.image_to_3d
     sidebar = addon_module("panels.sidebar")
-    stages = addon_module("backend.stages")
+    stages = addon_module("backend.protocol").Stage
     assert set(sidebar.STAGE_LABELS) == set(stages.ALL), "a label for every stage"
     text = panel_text()
     for name in ("'faces'", "'quads'", "'texture'"):

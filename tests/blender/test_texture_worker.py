@@ -11,7 +11,7 @@ import bpy
 import numpy as np
 import pytest
 
-from .conftest import ROOT, addon_module, generate_module, leftover_files, panel_text, prefs, session
+from .conftest import ROOT, addon_module, jobs_module, leftover_files, panel_text, prefs, session
 
 pytestmark = pytest.mark.skipif('"bake"' not in (ROOT / "backend" / "worker.py").read_text(),
                                 reason="the backend has no bake op yet")
@@ -50,7 +50,7 @@ def colour_at_loops(obj, image):
     rows = np.clip((uvs[:, 1] * height).astype(int), 0, height - 1)  # Blender's row 0 is v = 0
     rgba = np.empty(len(mesh.vertices) * 4, dtype=np.float32)
     mesh.color_attributes["Color"].data.foreach_get("color", rgba)
-    srgb = addon_module("core.mesh_arrays").linear_to_srgb(rgba.reshape(-1, 4)[:, :3])
+    srgb = addon_module("backend.colour").linear_to_srgb(rgba.reshape(-1, 4)[:, :3])
     corner_verts = np.empty(len(mesh.loops), dtype=np.int32)
     mesh.loops.foreach_get("vertex_index", corner_verts)
     return texels[rows, cols], srgb[corner_verts]
@@ -164,9 +164,9 @@ def test_retopologize_reuses_the_field_and_one_undo_restores(settings):
 def test_cancel_while_baking_the_texture_leaves_nothing(settings):
     settings.faces, settings.texture = 2000, "2048"
     assert bpy.ops.image_to_3d.generate(run_async=True) == {"FINISHED"}
-    (timer,) = generate_module().TIMERS.values()
+    (timer,) = jobs_module().TIMERS.values()
     job = session().current_job()
-    stages = addon_module("backend.stages")
+    stages = addon_module("backend.protocol").Stage
     deadline = time.monotonic() + 120
     while job.stage != stages.BAKE:
         assert timer() is not None, f"ended before baking: {job!r}"

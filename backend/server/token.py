@@ -15,9 +15,9 @@ import secrets
 import stat
 from pathlib import Path
 
-from . import licences
-from .client import TOKEN_ENV as ENV
-from .errors import InputError
+from .. import licences
+from ..errors import InputError
+from ..protocol import TOKEN_ENV as ENV
 
 FILE_NAME = "server-token"
 MIN_LENGTH = 16  # a shorter token can be guessed; ours are 43 characters (32 random bytes)

@@ -10,7 +10,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .backend.client import EXTENSION_ROOT, Job, RemoteWorker, Worker, default_env
+from .jobs import Job
+from .pipe import EXTENSION_ROOT, Worker, default_env
+from .remote import RemoteWorker
 
 _worker: Worker | RemoteWorker | None = None
 

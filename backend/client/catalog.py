@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .backend import hub, licences, pipeline
-from .backend.models import registry
+from .. import hub, licences, options
+from ..models import registry
 
 U2NET = "u2net"
 U2NET_SIZE = 176 * 10**6  # about; rembg publishes no size (its md5 is checked)
@@ -49,8 +49,8 @@ def defaults(model_id: str) -> dict:
 
 
 # A multi-view model's view-generation settings, as the backend defaults and bounds them.
-VIEW_DEFAULTS = {"steps": pipeline.DEFAULT_STEPS, "guidance": pipeline.DEFAULT_GUIDANCE, "seed": pipeline.DEFAULT_SEED}
-MAX_STEPS, MAX_GUIDANCE = pipeline.MAX_STEPS, pipeline.MAX_GUIDANCE
+VIEW_DEFAULTS = {"steps": options.DEFAULT_STEPS, "guidance": options.DEFAULT_GUIDANCE, "seed": options.DEFAULT_SEED}
+MAX_STEPS, MAX_GUIDANCE = options.MAX_STEPS, options.MAX_GUIDANCE
 
 
 def draws_views(model_id: str) -> bool:

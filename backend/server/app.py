@@ -33,8 +33,8 @@ from ray import serve
 from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 
-from . import serve_request, serve_token, stages
-from .client import GENERATE_PATH, HEALTH_PATH, SERVICE
+from ..protocol import GENERATE_PATH, HEALTH_PATH, SERVICE, Stage
+from . import requests as serve_request, token as serve_token
 
 APP_NAME = "image_to_3d"
 PROTOCOL = 1
@@ -114,9 +114,9 @@ class Generator:
 
     def __init__(self, config: dict, board):
         keep_grpc_on_loopback()
-        from . import devices
-        from .field import FieldCache
-        from .models import registry
+        from .. import devices
+        from ..field import FieldCache
+        from ..models import registry
 
         self.config, self.board = config, board
         self.model_cache: dict = {}
@@ -140,7 +140,7 @@ class Generator:
         """The job's events, as the worker emits them; the first one says the job left the queue."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        from .worker import JobControl
+        from ..worker import JobControl
 
         control = JobControl()
         control.try_begin(job["id"])
@@ -155,7 +155,7 @@ class Generator:
 
     def _run(self, job: dict, control, relay: Relay, events) -> None:
         """In the job thread: the upload as files, then the worker's own job code (its events, its errors)."""
-        from . import worker
+        from .. import worker
 
         self.busy, started = True, time.perf_counter()
         folder = Path(tempfile.mkdtemp(prefix="job-"))
@@ -173,7 +173,7 @@ class Generator:
                 (folder / "mesh.npz").write_bytes(job["mesh"])
                 request["mesh"] = str(folder / "mesh.npz")
             model = job["options"].get("model") or "triposr"
-            from .models import registry
+            from ..models import registry
 
             # The server's files, accepted licences (its operator accepted them at start) and devices.
             request["options"] = dict(job["options"], weights=self.config["weights"].get(registry.get(model).id),
@@ -251,7 +251,7 @@ class Ingress:
 
     def __init__(self, config: dict, generator, board):
         keep_grpc_on_loopback()
-        from .models import registry
+        from ..models import registry
 
         self.config, self.generator, self.board = config, generator, board
         self.token_digest = bytes.fromhex(config["token_sha256"])
@@ -379,5 +379,5 @@ class Ingress:
 def queued(job_id: str, position: int) -> dict:
     ahead = position - 1
     message = "next in line" if not ahead else f"{ahead} job{'s' if ahead > 1 else ''} ahead"
-    return {"event": "progress", "id": job_id, "stage": stages.QUEUED, "fraction": 0.0,
+    return {"event": "progress", "id": job_id, "stage": Stage.QUEUED, "fraction": 0.0,
             "message": f"The server is busy: {message}", "position": position}

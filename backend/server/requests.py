@@ -21,9 +21,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .errors import BackendError, InputError
+from ..errors import BackendError, InputError
+from ..options import check as check_all, parse as parse_options
+from ..protocol import JOB_OPS
 
-OPS = ("generate", "bake")
+OPS = JOB_OPS
 # Options a client may not set: the server's own files and devices (and a licence only its operator accepts).
 SERVER_OPTIONS = ("weights", "u2net_path", "device", "views", "save_views", "accept_licence")
 SAFE_NAME = re.compile(r"[^\w.\- ]+")
@@ -80,9 +82,7 @@ def parse(body: bytes, served: tuple) -> dict:
 
 def check_options(options, served: tuple) -> None:
     """The CLI's checks (the same messages), the served models, and nothing the server keeps for itself."""
-    from .models import registry
-    from .pipeline import check_model_options
-    from .worker import make_options
+    from ..models import registry
 
     if not isinstance(options, dict):
         raise Refusal(400, "bad_input", "options must be a JSON object")
@@ -93,18 +93,15 @@ def check_options(options, served: tuple) -> None:
                       "itself (its own model files and devices; no client names a path on it)",
                       "Leave these options out when you send a job to a server")
     try:
-        parsed = make_options(options)
+        parsed = parse_options(options)
         spec = registry.get(parsed.model)
         if spec.id not in served:
             raise InputError(f"this server does not offer {spec.display_name} ({spec.id}); it offers: "
                              f"{', '.join(served)}", hint="Choose one of those models, or ask the server's operator "
                              "(cluster-serve --models)")
-        parsed.validate()
-        check_model_options(spec, parsed)
+        check_all(parsed, spec)
     except BackendError as e:
         raise Refusal.of(e) from None
-    except (TypeError, ValueError) as e:  # a value of the wrong type, e.g. "resolution": "high"
-        raise Refusal(400, "bad_input", f"bad options: {e}") from None
 
 
 def upload_name(name) -> str:
@@ -116,7 +113,7 @@ def upload_name(name) -> str:
 
 def check_image(data: bytes, name: str) -> None:
     """Read the image as the CLI does; a refusal carries the CLI's message, naming the upload ``name``."""
-    from . import preprocess
+    from .. import preprocess
 
     folder = Path(tempfile.mkdtemp(prefix="upload-"))
     try:

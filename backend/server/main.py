@@ -3,7 +3,7 @@
 One machine (the default: a Ray of this machine alone, every part of it on 127.0.0.1) or a Ray cluster
 (``--address auto`` on the head node of ``ray start --head``). One replica per GPU (``--gpus-per-replica``, or
 ``--replicas N``), each keeping its model loaded; jobs beyond them wait in a queue. Every request needs the token
-(``Authorization: Bearer``); see :mod:`.serve_token`. The application itself is :mod:`.serve_app`.
+(``Authorization: Bearer``); see :mod:`.token`. The application itself is :mod:`.app`.
 
 Exit status: 0 after Ctrl+C (or SIGTERM), 2 a bad option, 3 missing weights, 4 a licence to accept, 1 anything else.
 """
@@ -21,8 +21,8 @@ import sys
 import time
 from pathlib import Path
 
-from . import serve_token
-from .errors import BackendError, InputError
+from ..errors import BackendError, InputError, first_line
+from . import token as serve_token
 
 REQUIREMENTS = "backend/requirements-serve.txt"
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8765
@@ -98,7 +98,7 @@ def main(argv=None) -> int:
 
 def _serve(ray, serve, args, config: dict, token: str, origin: str, created: bool) -> int:
     """Deploy the application, say where it is, and keep it up until Ctrl+C or SIGTERM; then take it down."""
-    from . import serve_app
+    from . import app as serve_app
 
     replicas, actor_options = _shape(ray.cluster_resources(), args)
     # A replica without a GPU share runs on the CPU even where the machine has GPUs (they are others' to use), with
@@ -117,7 +117,7 @@ def _serve(ray, serve, args, config: dict, token: str, origin: str, created: boo
         print("stopping the server...", file=sys.stderr, flush=True)
         return 0
     except Exception as e:  # noqa: BLE001 - a replica that cannot start (its weights, its GPU): say why
-        return _fail(1, f"the server could not start: {_first_line(e)}",
+        return _fail(1, f"the server could not start: {first_line(e, 500)}",
                      "The replicas' log is in Ray's session folder (logs/serve/)")
     finally:
         _stop(serve, serve_app.APP_NAME, args.address)
@@ -125,8 +125,9 @@ def _serve(ray, serve, args, config: dict, token: str, origin: str, created: boo
 
 def _config(args) -> dict:
     """The served models (checked: known, licence accepted, weights there when this machine runs them), limits."""
-    from .cli import OFFLINE_ENVIRONMENT, _accept_licence
-    from .models import registry
+    from ..hub import OFFLINE_ENVIRONMENT
+    from ..licences import accept_or_refuse
+    from ..models import registry
 
     if args.offline:
         os.environ.update(OFFLINE_ENVIRONMENT)
@@ -148,7 +149,7 @@ def _config(args) -> dict:
     specs = list({spec.id: spec for spec in map(registry.get, ids)}.values())
     weights = {spec.id: _weights_for(spec.id, args.weights, len(specs)) for spec in specs}
     for spec in specs:
-        _accept_licence(spec, args.accept_licence)
+        accept_or_refuse(spec, args.accept_licence)
         if args.address is None:  # here; on a cluster each node looks for its own
             registry.find_folder(spec, weights[spec.id])
     return {"models": [spec.id for spec in specs], "weights": weights,
@@ -186,7 +187,7 @@ def _check_port_free(host: str, port: int) -> None:
 
 def _require_serve(local: bool):
     if local:  # read when Ray is imported: set before
-        from .ray_batch import LOOPBACK_RAY
+        from ..ray_batch import LOOPBACK_RAY
 
         os.environ.update(LOOPBACK_RAY)
     if importlib.util.find_spec("ray") is None or importlib.util.find_spec("ray.serve") is None or \
@@ -202,7 +203,7 @@ def _require_serve(local: bool):
 
 def _ray(address: str | None):
     """Ray for the server: this machine alone on 127.0.0.1 (ended with the server), or an existing cluster."""
-    from . import ray_batch
+    from .. import ray_batch
 
     return ray_batch.connected(
         address or "local", {k: os.environ[k] for k in PASSED_ENVIRONMENT if k in os.environ},
@@ -254,7 +255,7 @@ def _stop(serve, app_name: str, address: str | None) -> None:
         else:
             serve.delete(app_name)
     except Exception as e:  # noqa: BLE001 - already gone (Ray lost): nothing left to stop
-        print(f"note: stopping Serve: {_first_line(e)}", file=sys.stderr)
+        print(f"note: stopping Serve: {first_line(e, 500)}", file=sys.stderr)
 
 
 @contextlib.contextmanager
@@ -268,11 +269,6 @@ def _stop_on_sigterm():
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0][:500] if text else type(e).__name__
 
 
 def _fail(status: int, message: str, hint: str = "") -> int:

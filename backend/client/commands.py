@@ -1,4 +1,4 @@
-"""Background processes of the preferences (check, install, download), standard library only.
+"""One-shot backend commands of the preferences (check, install, download), standard library only.
 
 A :class:`Task` runs ``python -m backend <command> --json`` in its own process group. Reader threads
 queue its stdout lines (JSON events: ``progress``, ``result``, ``error``) and keep its stderr as a log;
@@ -17,8 +17,8 @@ import subprocess
 import threading
 import time
 
-RUNNING, DONE, FAILED, CANCELLED = "running", "done", "failed", "cancelled"
-_EOF = object()
+from ..protocol import CANCELLED, DONE, ERROR, ERROR_EVENT, PROGRESS, RESULT, RUNNING
+from .jobs import EOF, read_lines
 
 
 class Task:
@@ -42,7 +42,8 @@ class Task:
         self.log: collections.deque[str] = collections.deque(maxlen=200)
         self.started = time.monotonic()
         self._stdout: list[str] = []
-        self._events: queue.Queue = queue.Queue()
+        self._events: queue.Queue = queue.Queue()  # stdout's lines
+        self._log_lines: queue.Queue = queue.Queue()  # stderr's
         self._open_streams = 2
         self._cancelled = False
         kwargs = {"start_new_session": True} if os.name == "posix" else {
@@ -56,8 +57,8 @@ class Task:
             self._finish_failed("start", f"Could not start {self.args[0]}: {exc.strerror or exc}",
                                 "Check the Python path in the add-on preferences")
             return
-        for stream, is_log in ((self.process.stdout, False), (self.process.stderr, True)):
-            threading.Thread(target=self._read, args=(stream, is_log), daemon=True,
+        for stream, lines in ((self.process.stdout, self._events), (self.process.stderr, self._log_lines)):
+            threading.Thread(target=read_lines, args=(stream, lines, False), daemon=True,
                              name=f"image_to_3d-{kind}").start()
 
     @property
@@ -68,30 +69,24 @@ class Task:
     def pid(self):
         return self.process.pid if self.process else None
 
-    def _read(self, stream, is_log: bool) -> None:
-        for line in stream:
-            self._events.put((is_log, line.rstrip("\n")))
-        self._events.put(_EOF)
-
     def poll(self) -> "Task":
         """Apply what arrived since the last call; never blocks."""
         if self.finished:
             return self
-        while True:
-            try:
-                item = self._events.get_nowait()
-            except queue.Empty:
-                break
-            if item is _EOF:
-                self._open_streams -= 1
-                continue
-            is_log, line = item
-            if is_log:
-                self.log.append(line)
-            elif self.document:
-                self._stdout.append(line)
-            else:
-                self._apply(line)
+        for is_log, lines in ((False, self._events), (True, self._log_lines)):
+            while True:
+                try:
+                    line = lines.get_nowait()
+                except queue.Empty:
+                    break
+                if line is EOF:
+                    self._open_streams -= 1
+                elif is_log:
+                    self.log.append(line)
+                elif self.document:
+                    self._stdout.append(line)
+                else:
+                    self._apply(line)
         if self.timeout is not None and time.monotonic() - self.started > self.timeout and self.process.poll() is None:
             self._kill()
             self._finish_failed("timeout", f"{' '.join(self.args[1:4])} did not answer within {self.timeout:.0f} s",
@@ -110,7 +105,7 @@ class Task:
         if not isinstance(event, dict):
             return
         kind = event.get("event")
-        if kind == "progress":
+        if kind == PROGRESS:
             if "fraction" in event:
                 self.fraction = float(event["fraction"])
             if "message" in event:
@@ -122,9 +117,9 @@ class Task:
                 total = self.bytes_total or self.expected_total
                 if total:
                     self.fraction = min(1.0, self.bytes_done / total)
-        elif kind == "result":
+        elif kind == RESULT:
             self.result = event
-        elif kind == "error":
+        elif kind == ERROR_EVENT:
             self.error = {"code": event.get("code", "internal"), "message": event.get("message", ""),
                           "hint": event.get("hint", "")}
         elif "ok" in event and event.get("ok") is False and isinstance(event.get("error"), dict):
@@ -155,11 +150,11 @@ class Task:
             how = f"was killed (signal {-self.returncode})" if self.returncode < 0 else \
                 f"exited with status {self.returncode}"
             self.error = {"code": "exited", "message": f"The {self.kind} process {how}", "hint": last[-300:]}
-        self.state = FAILED
+        self.state = ERROR
 
     def _finish_failed(self, code: str, message: str, hint: str = "") -> None:
         self.error = {"code": code, "message": message, "hint": hint}
-        self.state = FAILED
+        self.state = ERROR
 
     def _kill(self) -> None:
         if self.process is None or self.process.poll() is not None:

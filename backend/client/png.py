@@ -11,7 +11,7 @@ import zlib
 
 import numpy as np
 
-from .mesh_arrays import linear_to_srgb
+from ..colour import linear_to_srgb
 
 
 def _chunk(kind: bytes, data: bytes) -> bytes:

@@ -1,1 +1,0 @@
-"""bpy-free helpers of the Blender side (numpy + stdlib only), tested with plain pytest."""

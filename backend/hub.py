@@ -2,9 +2,10 @@
 
 Standard library only: Blender's own Python runs it too (the preferences' Download buttons), before
 any backend environment exists. Files arrive as ``<name>.partial`` beside their destination and are
-renamed into place only once their size and sha256 are right; a file that fails is deleted.
-Offline (Blender's *Allow Online Access* off, ``--offline``, ``HF_HUB_OFFLINE=1``), no connection is
-attempted at all.
+renamed into place only once their size and sha256 are right; a file that fails is deleted. The Hugging
+Face token goes only to the hub's own origin (``HF_ENDPOINT``), never across a redirect elsewhere nor to a
+file with its own URL. Offline (Blender's *Allow Online Access* off, ``--offline``, ``HF_HUB_OFFLINE=1``),
+no connection is attempted at all.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import os
 import shutil
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,11 +61,41 @@ def online_allowed(online: Optional[bool] = None) -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0") in ("", "0") and os.environ.get("IMAGE_TO_3D_OFFLINE", "0") in ("", "0")
 
 
+def endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT", DEFAULT_ENDPOINT).rstrip("/")
+
+
 def file_url(f: RemoteFile) -> str:
     if f.url:
         return f.url
-    endpoint = os.environ.get("HF_ENDPOINT", DEFAULT_ENDPOINT).rstrip("/")
-    return f"{endpoint}/{f.repo}/resolve/{f.revision}/{f.path}"
+    return f"{endpoint()}/{f.repo}/resolve/{f.revision}/{f.path}"
+
+
+def _origin(url: str) -> Optional[tuple]:
+    """(scheme, host, port), the default port filled in; None for a URL without a usable one."""
+    parts = urllib.parse.urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        return None
+    scheme = parts.scheme.lower()
+    port = port or {"http": 80, "https": 443}.get(scheme)
+    return (scheme, parts.hostname, port) if parts.hostname and port else None
+
+
+class _TokenStaysHome(urllib.request.HTTPRedirectHandler):
+    """urllib copies every header onto the request a redirect makes, Authorization included, wherever it leads:
+    the hub sends large files on to a CDN, and a hostile or compromised server could send them to plain http
+    or to itself. The token goes on only to the endpoint's own origin (same scheme, host and port)."""
+
+    def __init__(self):
+        self.home = _origin(endpoint())
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new is not None and (self.home is None or _origin(newurl) != self.home):
+            new.remove_header("Authorization")
+        return new
 
 
 def human_size(n: Optional[int]) -> str:
@@ -159,12 +191,12 @@ def _fetch(f: RemoteFile, partial: Path, token, progress, cancelled, timeout) ->
     if f.size is not None and done == f.size:
         return
     request = urllib.request.Request(file_url(f), headers={"User-Agent": "image-to-3d"})
-    if token:
+    if token and not f.url:  # the hub's token, for the hub: never to a file hosted elsewhere (u2net on GitHub)
         request.add_header("Authorization", f"Bearer {token}")
     if done:
         request.add_header("Range", f"bytes={done}-")
     try:
-        response = urllib.request.urlopen(request, timeout=timeout)
+        response = urllib.request.build_opener(_TokenStaysHome()).open(request, timeout=timeout)
     except urllib.error.HTTPError as e:
         if e.code == 416 and f.size is not None and done == f.size:
             return

@@ -214,3 +214,48 @@ def test_fetch_downloads_a_whole_model_with_overall_progress(tmp_path, monkeypat
     assert folder == tmp_path / "tiny" and events[-1][:2] == (total, total)
     monkeypatch.setenv("IMAGE_TO_3D_MODELS", str(tmp_path))
     assert registry.find_folder(spec) == folder  # the store is where models are looked for
+
+
+# --- Hostile servers and files (issue 20, findings 2 and 7) ---
+
+
+def test_the_token_stays_on_the_hub_across_redirects(server, tmp_path):
+    """The hub redirects within itself (the token goes along), then to a second origin (another port): that one
+    never sees the token."""
+    moved = f"/tiny/TripoSR/resolve/{REV}/moved.ckpt"
+    with StandInHub({"/cdn/model.ckpt": CKPT}) as other:
+        server.redirect[PATH] = moved
+        server.redirect[moved] = other.url + "/cdn/model.ckpt"
+        dest = hub.download(record(), tmp_path / "model.ckpt", token="hf_secret")
+    assert dest.read_bytes() == CKPT
+    assert server.requests == [(PATH, None, "Bearer hf_secret"), (moved, None, "Bearer hf_secret")]
+    assert other.requests == [("/cdn/model.ckpt", None, None)]
+
+
+@pytest.mark.parametrize("target", ["http://hub.example/x",  # plain http
+                                    "https://hub.example:8443/x", "https://cdn.example/x",  # other origins
+                                    "https://hub.example.evil.test/x"])
+def test_a_redirect_off_the_hub_or_to_plain_http_drops_the_token(monkeypatch, target):
+    """No TLS stand-in here: the redirect handler itself, with an https endpoint."""
+    import urllib.request
+
+    monkeypatch.setenv("HF_ENDPOINT", "https://hub.example")
+    handler = hub._TokenStaysHome()
+    request = urllib.request.Request("https://hub.example/a/resolve/r/f",
+                                     headers={"Authorization": "Bearer hf_secret", "Range": "bytes=5-"})
+    moved = handler.redirect_request(request, None, 302, "Found", {}, target)
+    assert not moved.has_header("Authorization") and moved.get_header("Range") == "bytes=5-"
+    for same in ("https://hub.example/b", "https://HUB.example:443/b"):
+        kept = handler.redirect_request(request, None, 302, "Found", {}, same)
+        assert kept.get_header("Authorization") == "Bearer hf_secret"
+
+
+def test_a_file_with_its_own_url_never_gets_the_token(server, tmp_path):
+    """As rembg's u2net on GitHub: wherever its url points, the hub's own origin included."""
+    with StandInHub({"/releases/u2net.onnx": CKPT}) as other:
+        for i, base in enumerate((other.url, server.url)):
+            server.files["/releases/u2net.onnx"] = CKPT
+            f = hub.RemoteFile("danielgatis/rembg", "v0.0.0", "u2net.onnx", url=f"{base}/releases/u2net.onnx",
+                               md5=hashlib.md5(CKPT).hexdigest())
+            hub.download(f, tmp_path / str(i) / "u2net.onnx", token="hf_secret")
+    assert [r[2] for r in other.requests + server.requests] == [None, None]

@@ -2,18 +2,21 @@
 
 Standard library only: Blender's own Python runs it too (the preferences' Download buttons), before
 any backend environment exists. Files arrive as ``<name>.partial`` beside their destination and are
-renamed into place only once their size and sha256 are right; a file that fails is deleted. The Hugging
-Face token goes only to the hub's own origin (``HF_ENDPOINT``), never across a redirect elsewhere nor to a
-file with its own URL. Offline (Blender's *Allow Online Access* off, ``--offline``, ``HF_HUB_OFFLINE=1``),
-no connection is attempted at all.
+renamed into place only once their size and sha256 are right; a file that fails is deleted. A file
+already in place is hashed too before it is trusted (once per change: see `Checksums`). The Hugging Face
+token goes only to the hub's own origin (``HF_ENDPOINT``), never across a redirect elsewhere nor to a file
+with its own URL. Offline (Blender's *Allow Online Access* off, ``--offline``, ``HF_HUB_OFFLINE=1``), no
+connection is attempted at all.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
+import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -107,16 +110,43 @@ def human_size(n: Optional[int]) -> str:
         n /= 1000
 
 
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write_json(path: Path, data: dict) -> None:
+    """Whole or not at all, under a name of its own (two processes may write at once)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as out:
+            json.dump(data, out, indent=1, sort_keys=True)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
 class Checksums:
-    """sha256 of files whose checksum no public source gives: recorded on first download, then enforced.
-    Stored as JSON in the model store (``checksums.json``)."""
+    """sha256 of files whose checksum no public source gives: recorded on first download (or the first time a
+    file put in place by hand is seen), then enforced at every later `download` of it: the Download buttons,
+    ``backend download`` and `registry.fetch` all go through `download`, which hashes a file already in place
+    before returning it. Stored as JSON in the model store (``checksums.json``).
+
+    Beside it, ``checksums.verified.json`` remembers the files found right, by path, (size, mtime_ns) and their
+    digests, so that a 1.7 GB file is hashed once, not at every use, and again as soon as it changes. It is a
+    cache, not a pin: lose it and files are hashed again."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        try:
-            self.known = json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            self.known = {}
+        self.known = _read_json(self.path)
+        self.verified_path = self.path.with_suffix(".verified.json")
+        self.verified = _read_json(self.verified_path)
 
     @staticmethod
     def key(f: RemoteFile) -> str:
@@ -128,11 +158,29 @@ class Checksums:
     def record(self, f: RemoteFile, sha256: str) -> None:
         if f.sha256 or self.key(f) in self.known:
             return
-        self.known[self.key(f)] = sha256
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.known, indent=1, sort_keys=True))
-        os.replace(tmp, self.path)
+        self.known = {**_read_json(self.path), **self.known}  # what another process recorded meanwhile
+        self.known.setdefault(self.key(f), sha256)
+        _write_json(self.path, self.known)
+
+    def _stamp(self, path: Path) -> list:
+        stat = path.stat()
+        return [stat.st_size, stat.st_mtime_ns]
+
+    def is_verified(self, f: RemoteFile, path: Path) -> bool:
+        """``path`` was hashed unchanged since and matched what ``f`` must be now."""
+        entry = self.verified.get(str(Path(path).resolve()))
+        if not isinstance(entry, dict) or entry.get("stamp") != self._stamp(path):
+            return False
+        expected = self.expected(f)
+        return bool(expected) and entry.get("sha256") == expected and (not f.md5 or entry.get("md5") == f.md5)
+
+    def mark_verified(self, path: Path, sha256: str, md5: str, stamp: Optional[list] = None) -> None:
+        """``stamp``: the file's, taken before it was hashed (a change while hashing then shows)."""
+        key = str(Path(path).resolve())
+        self.verified = {**_read_json(self.verified_path), **self.verified}
+        self.verified[key] = {"stamp": stamp or self._stamp(path), "sha256": sha256, "md5": md5}
+        with contextlib.suppress(OSError):  # a read-only store: files are hashed at every use, nothing worse
+            _write_json(self.verified_path, self.verified)
 
 
 ProgressFn = Callable[[int, Optional[int], float], None]  # bytes done, total, bytes per second
@@ -141,10 +189,13 @@ ProgressFn = Callable[[int, Optional[int], float], None]  # bytes done, total, b
 def download(f: RemoteFile, dest: Path, *, checksums: Optional[Checksums] = None, token: Optional[str] = None,
              online: Optional[bool] = None, progress: Optional[ProgressFn] = None,
              cancelled: Optional[Callable[[], bool]] = None, timeout: float = 30.0) -> Path:
-    """Fetch ``f`` to ``dest`` unless a verified copy is there. Resumes a ``.partial`` left by an earlier try."""
+    """Fetch ``f`` to ``dest`` unless a verified copy is there. Resumes a ``.partial`` left by an earlier try.
+    A copy already at ``dest`` is hashed (unless `Checksums` saw it unchanged since) and, if wrong, removed with
+    a `WeightsError`."""
     dest = Path(dest)
     checksums = checksums or Checksums(dest.parent / "checksums.json")
     if dest.is_file() and (f.size is None or dest.stat().st_size == f.size):
+        check_present(f, dest, checksums)
         return dest
     if not online_allowed(online):
         raise OfflineError(
@@ -170,9 +221,28 @@ def download(f: RemoteFile, dest: Path, *, checksums: Optional[Checksums] = None
                                     f"kept for the next try", hint="Try again later: it resumes where it stopped.") from None
             time.sleep(min(2 ** attempt, 5) * 0.1)
 
-    checksums.record(f, _verify(f, partial, checksums.expected(f)))
+    sha, md5 = _verify(f, partial, checksums.expected(f))
+    checksums.record(f, sha)
     os.replace(partial, dest)
+    checksums.mark_verified(dest, sha, md5)
     return dest
+
+
+def check_present(f: RemoteFile, path: Path, checksums: Checksums) -> None:
+    """Trust a file already in place only once hashed: against its published sha256 (or md5), else the one
+    recorded at its first download; a file seen for the first time without either has its sha256 recorded.
+    A wrong file is removed: `WeightsError`."""
+    if checksums.is_verified(f, path):
+        return
+    stamp = checksums._stamp(path)
+    sha, md5 = _digests(path)
+    expected = checksums.expected(f)
+    if (expected and sha != expected) or (f.md5 and md5 != f.md5):
+        path.unlink()
+        raise WeightsError(f"{f.name} in {path.parent} failed its checksum: removed, never loaded",
+                           hint="It was corrupted or changed on disk; download it again.")
+    checksums.record(f, sha)
+    checksums.mark_verified(path, sha, md5, stamp)
 
 
 class _Interrupted(Exception):
@@ -251,8 +321,8 @@ def _total_size(response, done: int) -> Optional[int]:
     return (int(length) + (done if response.status == 206 else 0)) if length and length.isdigit() else None
 
 
-def _verify(f: RemoteFile, partial: Path, expected_sha: Optional[str]) -> str:
-    """Size, then sha256; a file that fails is deleted. Returns its sha256."""
+def _verify(f: RemoteFile, partial: Path, expected_sha: Optional[str]) -> tuple[str, str]:
+    """Size, then sha256; a file that fails is deleted. Returns its sha256 and md5."""
     size = partial.stat().st_size
     if f.size is not None and size != f.size:
         partial.unlink()
@@ -263,7 +333,7 @@ def _verify(f: RemoteFile, partial: Path, expected_sha: Optional[str]) -> str:
         partial.unlink()
         raise WeightsError(f"{f.name} failed its checksum: removed, never loaded",
                            hint="The file was corrupted or tampered with; download it again.")
-    return sha
+    return sha, md5
 
 
 def _digests(path: Path) -> tuple[str, str]:

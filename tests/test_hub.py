@@ -2,6 +2,7 @@
 offline mode and the free-space check. Never the real hub."""
 
 import hashlib
+import os
 import shutil
 import socket
 import sys
@@ -41,7 +42,8 @@ def test_download_reports_progress_and_verifies(server, tmp_path):
     assert dest.read_bytes() == CKPT
     assert events[-1][0] == len(CKPT) and events[-1][1] == len(CKPT) and events[-1][2] > 0
     assert all(a[0] <= b[0] for a, b in zip(events, events[1:]))  # bytes only grow
-    assert sorted(p.name for p in dest.parent.iterdir()) == ["model.ckpt"]
+    # no partial left; beside the file, the record that it was hashed (see Checksums)
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["checksums.verified.json", "model.ckpt"]
     # present and verified: no second request
     hub.download(record(), dest)
     assert len(server.requests) == 1
@@ -259,3 +261,52 @@ def test_a_file_with_its_own_url_never_gets_the_token(server, tmp_path):
                                md5=hashlib.md5(CKPT).hexdigest())
             hub.download(f, tmp_path / str(i) / "u2net.onnx", token="hf_secret")
     assert [r[2] for r in other.requests + server.requests] == [None, None]
+
+
+def tamper(path):
+    """Flip a byte in place, size kept. An edit moves the mtime; the bump makes sure of it on file systems with
+    coarse timestamps."""
+    before = path.stat()
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns + 10**9))
+
+
+def test_an_unpinned_file_is_checked_against_its_recorded_hash_at_every_use(server, tmp_path):
+    unknown = record(size=None, sha256=None)
+    dest = hub.download(unknown, tmp_path / "m" / "model.ckpt", checksums=hub.Checksums(tmp_path / "checksums.json"))
+    assert hub.Checksums(tmp_path / "checksums.json").expected(unknown) == hashlib.sha256(CKPT).hexdigest()
+    tamper(dest)
+    with pytest.raises(WeightsError, match="failed its checksum: removed, never loaded"):
+        hub.download(unknown, dest, checksums=hub.Checksums(tmp_path / "checksums.json"))
+    assert not dest.exists() and len(server.requests) == 1
+
+
+def test_a_right_size_tampered_file_on_disk_is_refused(server, tmp_path):
+    dest = hub.download(record(), tmp_path / "model.ckpt")
+    tamper(dest)
+    with pytest.raises(WeightsError, match="failed its checksum: removed, never loaded"):
+        hub.download(record(), dest)
+    assert not dest.exists()
+    # one put there by hand, never downloaded: the same
+    dest.write_bytes(bytes(len(CKPT)))
+    with pytest.raises(WeightsError, match="failed its checksum"):
+        hub.download(record(), dest, online=False)
+    assert not dest.exists() and len(server.requests) == 1
+
+
+def test_a_verified_file_is_hashed_again_only_once_it_changes(server, tmp_path, monkeypatch):
+    hashed = []
+    digests = hub._digests
+    monkeypatch.setattr(hub, "_digests", lambda path: hashed.append(path) or digests(path))
+    dest = hub.download(record(), tmp_path / "model.ckpt")
+    assert len(hashed) == 1
+    for _ in range(3):  # another process, another Checksums: the record beside the store is shared
+        hub.download(record(), dest, checksums=hub.Checksums(tmp_path / "checksums.json"), online=False)
+    assert len(hashed) == 1
+    stat = dest.stat()
+    os.utime(dest, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # touched: hashed again, still right
+    hub.download(record(), dest, online=False)
+    hub.download(record(), dest, online=False)
+    assert len(hashed) == 2 and dest.read_bytes() == CKPT

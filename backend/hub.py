@@ -2,21 +2,25 @@
 
 Standard library only: Blender's own Python runs it too (the preferences' Download buttons), before
 any backend environment exists. Files arrive as ``<name>.partial`` beside their destination and are
-renamed into place only once their size and sha256 are right; a file that fails is deleted. A file
-already in place is hashed too before it is trusted (once per change: see `Checksums`). The Hugging Face
-token goes only to the hub's own origin (``HF_ENDPOINT``), never across a redirect elsewhere nor to a file
-with its own URL. Offline (Blender's *Allow Online Access* off, ``--offline``, ``HF_HUB_OFFLINE=1``), no
-connection is attempted at all.
+renamed into place only once their size and sha256 are right; a file that fails is deleted, and a
+body longer than the file is cut off there. A file already in place is hashed too before it is trusted
+(once per change: see `Checksums`). The Hugging Face token goes only to the hub's own origin
+(``HF_ENDPOINT``), never across a redirect elsewhere nor to a file with its own URL. Offline (Blender's
+*Allow Online Access* off, ``--offline``, ``HF_HUB_OFFLINE=1``), no connection is attempted at all.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import http.client
 import json
 import os
+import queue
 import shutil
+import socket
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -31,6 +35,11 @@ DEFAULT_ENDPOINT = "https://huggingface.co"
 CHUNK = 1 << 20
 RETRIES = 3
 SPACE_MARGIN = 64 << 20  # keep some room: a disk filled to the last byte breaks other programs
+# A file with no published size stops here. The largest file of any model is 1.8 GB and those without a size
+# are at most 1.3 GB (registry.APPROX_BYTES); a server that streams without end must not fill the disk.
+UNKNOWN_SIZE_CAP = 4 << 30
+POLL = 0.1  # seconds between looks at `cancelled` while the network is silent
+QUEUED_CHUNKS = 8  # read ahead of the disk at most this many chunks
 
 
 @dataclass(frozen=True)
@@ -191,7 +200,8 @@ def download(f: RemoteFile, dest: Path, *, checksums: Optional[Checksums] = None
              cancelled: Optional[Callable[[], bool]] = None, timeout: float = 30.0) -> Path:
     """Fetch ``f`` to ``dest`` unless a verified copy is there. Resumes a ``.partial`` left by an earlier try.
     A copy already at ``dest`` is hashed (unless `Checksums` saw it unchanged since) and, if wrong, removed with
-    a `WeightsError`."""
+    a `WeightsError`. ``timeout``: seconds a connection may stay silent before the try is given up (and
+    resumed); ``cancelled`` is looked at every `POLL` seconds meanwhile."""
     dest = Path(dest)
     checksums = checksums or Checksums(dest.parent / "checksums.json")
     if dest.is_file() and (f.size is None or dest.stat().st_size == f.size):
@@ -256,6 +266,77 @@ def _check_space(folder: Path, needed: int) -> None:
                             hint="Free some space or choose another model folder in the preferences.")
 
 
+class _Stream:
+    """One request, its network side on a thread of its own. A read blocked on a stalled server cannot be
+    interrupted on the same thread (and after a socket timeout the stream is unusable), so the caller waits on
+    a queue instead and looks at ``cancelled`` every `POLL` seconds; the socket timeout stays the stall limit.
+    Items: the response, then chunks (``b""`` at the end), or the exception that stopped it."""
+
+    def __init__(self, request: urllib.request.Request, timeout: float, name: str):
+        self._items = queue.Queue(maxsize=QUEUED_CHUNKS)
+        self._stop = threading.Event()
+        self._response = None
+        self._name = name
+        self._thread = threading.Thread(target=self._run, args=(request, timeout), name="hub-download", daemon=True)
+        self._thread.start()
+
+    def _run(self, request, timeout) -> None:
+        try:
+            response = urllib.request.build_opener(_TokenStaysHome()).open(request, timeout=timeout)
+        except BaseException as e:
+            self._put(e)
+            return
+        self._response = response
+        with response:
+            if not self._put(response):
+                return
+            while not self._stop.is_set():
+                try:
+                    chunk = response.read1(CHUNK)  # what has arrived: progress and cancel need no full MiB
+                except BaseException as e:
+                    self._put(e)
+                    return
+                if not self._put(chunk) or not chunk:
+                    return
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._items.put(item, timeout=POLL)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def get(self, cancelled):
+        while True:
+            if cancelled and cancelled():
+                raise Cancelled(f"download of {self._name} cancelled; the part already fetched is kept to resume")
+            try:
+                item = self._items.get(timeout=POLL)
+            except queue.Empty:
+                continue
+            if isinstance(item, BaseException):
+                raise item
+            return item
+
+    def close(self) -> None:
+        self._stop.set()
+        # Wake a read blocked on a silent server. urllib gives no public way to the socket; without it the
+        # thread ends at the socket timeout instead.
+        sock = getattr(getattr(getattr(self._response, "fp", None), "raw", None), "_sock", None)
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            self._thread.join(1.0)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
 def _fetch(f: RemoteFile, partial: Path, token, progress, cancelled, timeout) -> None:
     done = partial.stat().st_size if partial.exists() else 0
     if f.size is not None and done == f.size:
@@ -265,40 +346,49 @@ def _fetch(f: RemoteFile, partial: Path, token, progress, cancelled, timeout) ->
         request.add_header("Authorization", f"Bearer {token}")
     if done:
         request.add_header("Range", f"bytes={done}-")
-    try:
-        response = urllib.request.build_opener(_TokenStaysHome()).open(request, timeout=timeout)
-    except urllib.error.HTTPError as e:
-        if e.code == 416 and f.size is not None and done == f.size:
-            return
-        if e.code in (401, 403):
-            raise DownloadError(f"access to {f.repo} was refused (HTTP {e.code})",
-                                hint="The repository may be gated: accept its terms on the Hugging Face page "
-                                     "and give an access token in the preferences (or HF_TOKEN).") from None
-        if e.code == 404:
-            raise DownloadError(f"{f.path} was not found in {f.repo} at revision {f.revision} (HTTP 404)") from None
-        if e.code >= 500:
-            raise _Interrupted(f"HTTP {e.code}") from None
-        raise DownloadError(f"download of {f.name} failed: HTTP {e.code} {e.reason}") from None
-    except (urllib.error.URLError, OSError) as e:
-        raise DownloadError(f"cannot reach the download server for {f.name} ({getattr(e, 'reason', e)})",
-                            hint="Check the network connection (or a proxy), then try again: it resumes.") from None
-    with response:
+    with _Stream(request, timeout, f.name) as stream:
+        try:
+            response = stream.get(cancelled)
+        except urllib.error.HTTPError as e:
+            e.close()
+            if e.code == 416 and f.size is not None and done == f.size:
+                return
+            if e.code in (401, 403):
+                raise DownloadError(f"access to {f.repo} was refused (HTTP {e.code})",
+                                    hint="The repository may be gated: accept its terms on the Hugging Face page "
+                                         "and give an access token in the preferences (or HF_TOKEN).") from None
+            if e.code == 404:
+                raise DownloadError(f"{f.path} was not found in {f.repo} at revision {f.revision} (HTTP 404)") from None
+            if e.code >= 500:
+                raise _Interrupted(f"HTTP {e.code}") from None
+            raise DownloadError(f"download of {f.name} failed: HTTP {e.code} {e.reason}") from None
+        except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
+            raise DownloadError(f"cannot reach the download server for {f.name} ({getattr(e, 'reason', e)})",
+                                hint="Check the network connection (or a proxy), then try again: it resumes.") from None
         if done and response.status != 206:  # the server ignored the range: start again
             done = 0
-        total = _total_size(response, done) or f.size
+        # Known size: not a byte more. Unknown: a declared length is enforced by http.client itself; with none,
+        # the cap.
+        limit = f.size if f.size is not None else UNKNOWN_SIZE_CAP
+        total = _total_size(response, done)
+        if total is not None and total > limit:
+            _too_long(partial, f"the server offers {total:,} bytes for {f.name}, {_expected(f, limit)}")
+        total = total or f.size
         if f.size is None and total is not None:
             _check_space(partial.parent, total - done)
         started, last_report = time.monotonic(), 0.0
         received = 0
+        over = False
         with open(partial, "ab" if done else "wb") as out:
             while True:
-                if cancelled and cancelled():
-                    raise Cancelled(f"download of {f.name} cancelled; the part already fetched is kept to resume")
                 try:
-                    chunk = response.read(CHUNK)
-                except (OSError, ValueError) as e:
+                    chunk = stream.get(cancelled)
+                except (OSError, ValueError, http.client.HTTPException) as e:
                     raise _Interrupted(str(e) or type(e).__name__) from None
                 if not chunk:
+                    break
+                if done + received + len(chunk) > limit:
+                    over = True
                     break
                 out.write(chunk)
                 received += len(chunk)
@@ -306,10 +396,23 @@ def _fetch(f: RemoteFile, partial: Path, token, progress, cancelled, timeout) ->
                 if progress and (now - last_report > 0.2):
                     progress(done + received, total, received / max(now - started, 1e-6))
                     last_report = now
+        if over:
+            _too_long(partial, f"the server sent more for {f.name} than {_expected(f, limit)}")
         if progress:
             progress(done + received, total, received / max(time.monotonic() - started, 1e-6))
     if total is not None and partial.stat().st_size < total:
         raise _Interrupted(f"connection closed at {partial.stat().st_size} of {total} bytes")
+
+
+def _expected(f: RemoteFile, limit: int) -> str:
+    return f"the {limit:,} expected" if f.size is not None else f"at most {limit:,} bytes expected"
+
+
+def _too_long(partial: Path, message: str):
+    with contextlib.suppress(OSError):
+        partial.unlink()  # whatever it holds came from a server that sends something else
+    raise DownloadError(f"{message}: stopped, nothing kept",
+                        hint="The server sent something other than the model file; try again later.")
 
 
 def _total_size(response, done: int) -> Optional[int]:

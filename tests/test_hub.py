@@ -6,10 +6,12 @@ import os
 import shutil
 import socket
 import sys
+import threading
+import time
 from collections import namedtuple
 
 import pytest
-from hubserver import StandInHub
+from hubserver import StandInHub, Zeros
 from support import TINY
 
 from backend import hub
@@ -59,19 +61,17 @@ def test_interrupted_download_resumes_with_a_range_request(server, tmp_path):
 
 def test_cancelled_download_keeps_the_part_and_resumes_later(server, tmp_path):
     dest = tmp_path / "model.ckpt"
-    calls = []
-
-    def cancel_after_first_chunk():
-        calls.append(1)
-        return len(calls) > 1
+    partial = tmp_path / "model.ckpt.partial"
+    server.piece, server.delay = 100_000, 0.05  # slow enough to cancel mid-way
 
     with pytest.raises(Cancelled):
-        hub.download(record(), dest, cancelled=cancel_after_first_chunk)
-    partial = tmp_path / "model.ckpt.partial"
-    assert not dest.exists() and partial.stat().st_size == hub.CHUNK
+        hub.download(record(), dest, cancelled=lambda: partial.exists() and partial.stat().st_size > 0)
+    kept = partial.stat().st_size
+    assert not dest.exists() and 0 < kept < len(CKPT)
+    server.delay = 0.0
     hub.download(record(), dest)
     assert dest.read_bytes() == CKPT and not partial.exists()
-    assert server.requests[-1][:2] == (PATH, f"bytes={hub.CHUNK}-")
+    assert server.requests[-1][:2] == (PATH, f"bytes={kept}-")
 
 
 def test_tampered_file_is_rejected_and_removed(server, tmp_path):
@@ -84,8 +84,11 @@ def test_tampered_file_is_rejected_and_removed(server, tmp_path):
 
 
 def test_wrong_size_is_rejected_and_removed(server, tmp_path):
-    server.files[PATH] = CKPT + b"extra"
+    server.files[PATH] = CKPT[:-5]
     with pytest.raises(WeightsError, match=f"instead of {len(CKPT)}: removed"):
+        hub.download(record(), tmp_path / "model.ckpt")
+    server.files[PATH] = CKPT + b"extra"  # refused from its declared length, before the body
+    with pytest.raises(hub.DownloadError, match=f"offers {len(CKPT) + 5:,} bytes .* the {len(CKPT):,} expected"):
         hub.download(record(), tmp_path / "model.ckpt")
     assert list(tmp_path.iterdir()) == []
 
@@ -263,6 +266,29 @@ def test_a_file_with_its_own_url_never_gets_the_token(server, tmp_path):
     assert [r[2] for r in other.requests + server.requests] == [None, None]
 
 
+@pytest.mark.parametrize("declared", [True, False])
+def test_an_over_long_body_stops_at_the_size(server, tmp_path, declared):
+    """200 MB sent for a 1,000-byte file, its length declared or not: stopped there, nothing kept."""
+    server.files[PATH] = hub_zeros = Zeros(200 * 10**6)
+    if not declared:
+        server.no_length.add(PATH)
+    with pytest.raises(hub.DownloadError, match="expected.*nothing kept"):
+        hub.download(record(size=1000, sha256="0" * 64), tmp_path / "model.ckpt")
+    assert server.sent.get(PATH, 0) < 32 << 20 < len(hub_zeros)  # socket buffers, not the whole body
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_file_of_unknown_size_stops_at_the_cap(server, tmp_path, monkeypatch):
+    monkeypatch.setattr(hub, "UNKNOWN_SIZE_CAP", 4 << 20, raising=False)
+    server.files[PATH] = Zeros(200 * 10**6)
+    server.no_length.add(PATH)
+    with pytest.raises(hub.DownloadError, match="expected.*nothing kept"):
+        hub.download(record(size=None, sha256=None), tmp_path / "m" / "model.ckpt",
+                     checksums=hub.Checksums(tmp_path / "checksums.json"))
+    assert server.sent.get(PATH, 0) < 36 << 20
+    assert [p for p in tmp_path.rglob("*") if p.is_file()] == []  # no partial, no checksum recorded
+
+
 def tamper(path):
     """Flip a byte in place, size kept. An edit moves the mtime; the bump makes sure of it on file systems with
     coarse timestamps."""
@@ -310,3 +336,26 @@ def test_a_verified_file_is_hashed_again_only_once_it_changes(server, tmp_path, 
     hub.download(record(), dest, online=False)
     hub.download(record(), dest, online=False)
     assert len(hashed) == 2 and dest.read_bytes() == CKPT
+
+
+def test_cancel_lands_within_a_second_on_a_stalled_connection(server, tmp_path):
+    server.stall_after[PATH] = 200_000
+    asked = threading.Event()
+    threading.Timer(0.5, asked.set).start()
+    started = time.monotonic()
+    with pytest.raises(Cancelled):
+        hub.download(record(), tmp_path / "model.ckpt", cancelled=asked.is_set, timeout=5)
+    assert time.monotonic() - started < 1.5
+    assert (tmp_path / "model.ckpt.partial").stat().st_size == 200_000  # kept to resume
+    deadline = time.monotonic() + 2
+    while any(t.name == "hub-download" for t in threading.enumerate()):  # the reading thread ends too
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+
+
+def test_a_stalled_connection_still_times_out_then_resumes(server, tmp_path):
+    server.stall_after[PATH] = 200_000
+    started = time.monotonic()
+    dest = hub.download(record(), tmp_path / "model.ckpt", timeout=0.5)
+    assert dest.read_bytes() == CKPT and time.monotonic() - started >= 0.5
+    assert [r[1] for r in server.requests] == [None, "bytes=200000-"]

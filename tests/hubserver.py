@@ -1,7 +1,9 @@
 """A stand-in for the model hub on 127.0.0.1 (point HF_ENDPOINT at ``.url``): serves bytes, or a large file
 of zeros streamed in chunks, at /<repo>/resolve/<rev>/<path>; honours Range requests; logs each request as
-(path, Range, Authorization); can be slowed down, break a response off part-way (to test resuming) or answer
-with a forced HTTP status. Used by the plain and the bpy suites."""
+(path, Range, Authorization); can be slowed down, break a response off part-way (to test resuming), stall
+part-way with the connection held open, send a body with no Content-Length, redirect, or answer with a
+forced HTTP status. Counts the bytes it managed to send per path. Two instances are two origins. Used by
+the plain and the bpy suites."""
 
 import contextlib
 import threading
@@ -20,11 +22,11 @@ class Zeros:
     def __len__(self):
         return self.size
 
-    def chunks(self, start: int):
-        block = bytes(CHUNK)
+    def chunks(self, start: int, piece: int = CHUNK):
+        block = bytes(piece)
         left = self.size - start
         while left > 0:
-            n = min(CHUNK, left)
+            n = min(piece, left)
             yield block[:n]
             left -= n
 
@@ -34,8 +36,14 @@ class StandInHub:
         self.files = dict(files)  # url path -> bytes or Zeros
         self.requests = []  # (path, Range header, Authorization header)
         self.break_after = {}  # url path -> byte count: the next response for it stops there
+        self.stall_after = {}  # url path -> byte count: the next response for it stops there, connection held open
         self.status = {}  # url path -> forced HTTP status
+        self.redirect = {}  # url path -> Location (a full URL, or a path on this origin): answered with 302
+        self.no_length = set()  # url paths sent without Content-Length: the body ends when the connection closes
+        self.sent = {}  # url path -> body bytes written to the socket, all responses together
         self.delay = 0.0  # seconds per chunk sent
+        self.piece = CHUNK  # bytes per chunk sent
+        self.closing = threading.Event()  # ends the stalls
         hub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -48,6 +56,12 @@ class StandInHub:
                 hub.requests.append((self.path, self.headers.get("Range"), self.headers.get("Authorization")))
                 if self.path in hub.status:
                     self.send_error(hub.status[self.path])
+                    return
+                if self.path in hub.redirect:
+                    self.send_response(302)
+                    self.send_header("Location", hub.redirect[self.path])
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
                     return
                 data = hub.files.get(self.path)
                 if data is None:
@@ -64,23 +78,36 @@ class StandInHub:
                     self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
                 else:
                     self.send_response(200)
-                self.send_header("Content-Length", str(len(data) - start))
+                if self.path not in hub.no_length:
+                    self.send_header("Content-Length", str(len(data) - start))
                 self.send_header("Connection", "close")
                 self.end_headers()
                 self.close_connection = True
-                chunks = data.chunks(start) if isinstance(data, Zeros) else [data[start:]]
+                if isinstance(data, Zeros):
+                    chunks = data.chunks(start, hub.piece)
+                else:
+                    chunks = (data[i:i + hub.piece] for i in range(start, len(data), hub.piece))
                 cut = hub.break_after.pop(self.path, None)
+                stall = hub.stall_after.pop(self.path, None)
                 sent = 0
                 try:
                     for chunk in chunks:
+                        if stall is not None and sent + len(chunk) >= stall:
+                            self.wfile.write(chunk[:stall - sent])
+                            self.wfile.flush()
+                            hub.sent[self.path] = hub.sent.get(self.path, 0) + stall - sent
+                            hub.closing.wait()
+                            return
                         if cut is not None and sent + len(chunk) >= cut:
                             self.wfile.write(chunk[:cut - sent])
                             self.wfile.flush()
+                            hub.sent[self.path] = hub.sent.get(self.path, 0) + cut - sent
                             with contextlib.suppress(OSError):
                                 self.connection.shutdown(2)
                             return
                         self.wfile.write(chunk)
                         sent += len(chunk)
+                        hub.sent[self.path] = hub.sent.get(self.path, 0) + len(chunk)
                         if hub.delay:
                             time.sleep(hub.delay)
                 except (BrokenPipeError, ConnectionResetError):
@@ -96,5 +123,6 @@ class StandInHub:
         return self
 
     def __exit__(self, *exc):
+        self.closing.set()
         self.server.shutdown()
         self.server.server_close()

@@ -8,7 +8,7 @@ Standard library only at import (Blender reads the defaults); Pillow is imported
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Optional
 
@@ -159,8 +159,26 @@ def parse(raw) -> Options:
 def check(options: Options, spec) -> None:
     """The one check before any work: every option on its own, then what the model ``spec`` (a registry entry)
     can use. Every entry point calls it; a value of the wrong type (``"resolution": "high"``) is a ``bad_input``."""
+    check_types(options)
     try:
         options.validate()
     except (TypeError, ValueError) as e:
         raise InputError(f"bad options: {e}") from None
     check_model_options(spec, options)
+
+
+# An option's declared type (the dataclass's annotation, a string here) -> what a request may send for it.
+_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
+_WORDS = {"int": "a whole number", "float": "a number", "bool": "true or false", "str": "text"}
+
+
+def check_types(options: Options) -> None:
+    """Each option of the type it is declared with (JSON gives strings, numbers, booleans: a request can send any)."""
+    for field in fields(Options):
+        kind = field.type.removeprefix("Optional[").removesuffix("]")
+        value = getattr(options, field.name)
+        if value is None and field.type.startswith("Optional["):
+            continue
+        wrong = not isinstance(value, _TYPES[kind]) or (kind != "bool" and isinstance(value, bool))
+        if wrong:
+            raise InputError(f"bad options: {field.name} must be {_WORDS[kind]}, got {value!r}")

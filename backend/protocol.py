@@ -27,7 +27,7 @@ RESULT_FILES = {OP_GENERATE: "mesh.npz", OP_BAKE: "bake.npz"}
 VIEWS_FILE = "views.png"  # a multi-view model's generated views, kept next to the mesh
 
 # A cached field's id (stats["field_id"] of a result; options.field_id of a bake): a name, never a path.
-FIELD_ID = re.compile(r"^[0-9a-f]{32}$")
+FIELD_ID = re.compile(r"[0-9a-f]{32}\Z")  # with .match: \Z, since $ would also take a trailing newline
 
 # Options that name the machine's own files or devices: a client keeps them; a server uses its own.
 LOCAL_OPTIONS = ("weights", "u2net_path", "device")

@@ -103,7 +103,7 @@ def read_requests(stream, control: JobControl, events: EventWriter) -> None:
         try:
             request = json.loads(line)
             op = request["op"]
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):  # RecursionError: JSON nested too deep
             events.emit(protocol.ERROR_EVENT, id=None, code="bad_request", message=f"not a request: {line[:200]}",
                         hint="")
             continue
@@ -161,7 +161,9 @@ def run_job(request: dict, control: JobControl, events: EventWriter, model_cache
     job_id = request.get("id")
     started = time.perf_counter()
     try:
-        output_dir = Path(request.get("output_dir") or "")
+        if not request.get("output_dir"):  # never the worker's own working folder
+            raise InputError("the request names no output folder (output_dir)")
+        output_dir = Path(request["output_dir"])
         if not output_dir.is_dir():
             raise InputError(f"output folder does not exist: {output_dir}")
         options = parse_options(request.get("options"))

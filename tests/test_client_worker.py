@@ -276,3 +276,36 @@ def test_the_wire_is_the_recorded_one(worker, tmp_path):
     requests = wire_exchange.RequestLog()
     requests.pipe(worker)
     wire_exchange.check("pipe", worker, tmp_path, requests)
+
+
+def test_protocol_nits_are_refused_as_bad_input_and_the_worker_lives_on(tmp_path):
+    """#20 item 9: 100k-deep JSON, a request without an output folder, a field id with a trailing newline, an
+    option of the wrong type: each a clear refusal, never the worker's own folder, never `internal`."""
+    process = subprocess.Popen([sys.executable, "-m", "backend", "serve"], cwd=tmp_path, env=wire.default_env(ROOT),
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                               start_new_session=True)
+
+    def ask(request) -> dict:
+        process.stdin.write((request if isinstance(request, str) else json.dumps(request)) + "\n")
+        process.stdin.flush()
+        return json.loads(process.stdout.readline())
+
+    try:
+        assert json.loads(process.stdout.readline())["event"] == "ready"
+        assert ask("[" * 100_000 + "]" * 100_000)["code"] == "bad_request"
+        job = {"op": "generate", "image": str(IMAGE), "options": FAST}
+        answer = ask(dict(job, id="no-folder"))
+        assert answer["code"] == "bad_input" and "output_dir" in answer["message"]
+        out = tmp_path / "out"
+        out.mkdir()
+        answer = ask(dict(job, id="newline", output_dir=str(out), options={"field_id": "0" * 32 + "\n"}))
+        assert answer["code"] == "bad_input" and "field id" in answer["message"]
+        answer = ask(dict(job, id="typed", output_dir=str(out), options=dict(FAST, resolution="high")))
+        assert answer["code"] == "bad_input" and "resolution" in answer["message"], answer
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and not any(out.iterdir())
+        assert ask(dict(job, id="good", output_dir=str(out)))["event"] in ("progress", "result")
+    finally:
+        process.kill()
+        process.wait(10)
+        for stream in (process.stdin, process.stdout):
+            stream.close()

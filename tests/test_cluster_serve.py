@@ -482,3 +482,11 @@ def test_the_wire_is_the_recorded_one(server, tmp_path, monkeypatch):
     requests = wire_exchange.RequestLog()
     requests.http(monkeypatch)
     wire_exchange.check("remote", server.client(tmp_path), tmp_path, requests)
+
+
+def test_deeply_nested_json_is_a_bad_request_not_a_server_error():
+    from backend.server import requests as serve_request
+
+    with pytest.raises(serve_request.Refusal) as refused:
+        serve_request.parse(b"[" * 100_000 + b"]" * 100_000, ("triposr",))
+    assert refused.value.status == 400 and refused.value.code == "bad_request"

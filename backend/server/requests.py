@@ -57,7 +57,7 @@ def parse(body: bytes, served: tuple) -> dict:
     ``mesh`` bytes. ``served``: the model ids this server offers."""
     try:
         request = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: JSON nested beyond the parser
         raise Refusal(400, "bad_request", "The request is not JSON") from None
     if not isinstance(request, dict):
         raise Refusal(400, "bad_request", "The request must be a JSON object")

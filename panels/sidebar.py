@@ -181,12 +181,17 @@ def draw_view_settings(layout, settings, context):
                 "or fewer steps for a draft", icon="INFO")
 
 
-class IMAGE_TO_3D_PT_sidebar(bpy.types.Panel):
-    bl_label = "Image to 3D"
-    bl_idname = "IMAGE_TO_3D_PT_sidebar"
+class SidebarTab:
+    """Where both panels live: the 3D viewport's sidebar, in the Image to 3D tab."""
+
     bl_space_type = "VIEW_3D"
     bl_region_type = "UI"
     bl_category = "Image to 3D"
+
+
+class IMAGE_TO_3D_PT_sidebar(SidebarTab, bpy.types.Panel):
+    bl_label = "Image to 3D"
+    bl_idname = "IMAGE_TO_3D_PT_sidebar"
 
     def draw(self, context):
         layout = self.layout
@@ -224,12 +229,9 @@ class IMAGE_TO_3D_PT_sidebar(bpy.types.Panel):
         layout.operator("image_to_3d.free_memory", icon="TRASH")
 
 
-class IMAGE_TO_3D_PT_advanced(bpy.types.Panel):
+class IMAGE_TO_3D_PT_advanced(SidebarTab, bpy.types.Panel):
     bl_label = "Advanced"
     bl_idname = "IMAGE_TO_3D_PT_advanced"
-    bl_space_type = "VIEW_3D"
-    bl_region_type = "UI"
-    bl_category = "Image to 3D"
     bl_parent_id = "IMAGE_TO_3D_PT_sidebar"
     bl_options = {"DEFAULT_CLOSED"}
 

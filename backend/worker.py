@@ -1,8 +1,8 @@
 """``python -m backend serve``: the long-lived worker behind Blender's Generate 3D.
 
-The wire (its words: ``protocol.py``; README.md, "The wire"): one JSON object per line. Requests arrive on stdin, events leave on a private
-copy of fd 1; fd 1 itself is pointed at stderr first, so a stray ``print`` or a C library cannot corrupt
-the channel.
+The wire (its words: ``protocol.py``; README.md, "The wire"): one JSON object per line. Requests arrive on
+stdin, events leave on a private copy of fd 1; fd 1 itself is pointed at stderr first, so a stray ``print`` or
+a C library cannot corrupt the channel.
 
 Requests::
 

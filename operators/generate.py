@@ -8,6 +8,7 @@ from __future__ import annotations
 import bpy
 
 from .. import preferences, properties
+from ..backend.client import session
 from . import jobs, results
 from .job_options import generation_settings, job_options
 
@@ -17,11 +18,12 @@ def why_not(context) -> str:
     settings = getattr(context.scene, "image_to_3d", None)
     if settings is None:
         return "No scene"
-    if jobs.session.is_busy() or jobs.running():
+    if session.is_busy() or jobs.running():
         return "A generation is already running"
     if settings.image is None and not settings.batch:
         return "Choose an image first"
-    return (jobs.licence_problem(settings.model) or properties.faces_problem(settings) or jobs.backend_problem(context))
+    return (jobs.licence_problem(settings.model) or properties.faces_problem(settings)
+            or jobs.backend_problem(context))
 
 
 class IMAGE_TO_3D_OT_generate(jobs.JobOperator, bpy.types.Operator):

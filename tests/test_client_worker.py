@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 
 from backend import client as wire
-
 from backend import protocol
 from backend.protocol import Stage
 

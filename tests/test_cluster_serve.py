@@ -29,7 +29,6 @@ import pytest
 from support import ROOT, TINY, assert_same_mesh, beyond_loopback, listening
 
 from backend import client as wire
-
 from backend import protocol
 from backend.server import token as serve_token
 from backend.protocol import Stage

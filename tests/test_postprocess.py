@@ -11,7 +11,6 @@ import torch
 from scipy.spatial import cKDTree
 
 from backend import client as wire
-
 from backend import protocol
 from backend import postprocess
 from backend.protocol import Stage

@@ -38,8 +38,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from backend import client as wire  # noqa: E402
-
-from backend import protocol
+from backend import protocol  # noqa: E402
 
 TINY = ROOT / "tests" / "data" / "triposr_tiny"
 IMAGE = TINY / "input_rgba.png"
@@ -74,7 +73,7 @@ def start_server(work: Path, replicas: int) -> tuple:
         port = probe.getsockname()[1]
     ray_tmp = Path(tempfile.mkdtemp(prefix="r", dir="/tmp"))
     log = work / "server.log"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_TMPDIR": str(ray_tmp), wire.TOKEN_ENV: TOKEN}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_TMPDIR": str(ray_tmp), protocol.TOKEN_ENV: TOKEN}
     args = ["--port", str(port), "--weights", str(TINY), "--replicas", str(replicas)]
     if replicas > 1:
         args += ["--cpus-per-replica", str(max(1, (os.cpu_count() or 2) // replicas))]

@@ -13,8 +13,8 @@ import bpy
 import numpy as np
 import pytest
 
-from .conftest import (ADDON, BACKEND_PYTHON, INPUT_IMAGE, ROOT, TINY_MODEL, addon_module, generate_module, leftover_files, session,
-                       start_async, tick_until)
+from .conftest import (ADDON, BACKEND_PYTHON, INPUT_IMAGE, ROOT, TINY_MODEL, addon_module, generate_module,
+                       leftover_files, session, start_async, tick_until)
 
 SLOW_RESOLUTION = 512  # ~9 s of surface extraction, in chunks: time to cancel or kill mid-job
 

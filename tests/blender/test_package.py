@@ -40,8 +40,9 @@ def built_zip(tmp_path_factory):
 
 def test_the_zip_holds_the_add_on_and_nothing_else(built_zip):
     names = zipfile.ZipFile(built_zip).namelist()
-    for needed in ("blender_manifest.toml", "__init__.py", "backend/client.py", "backend/worker.py",
-                   "operators/generate.py", "panels/sidebar.py", "core/mesh_arrays.py"):
+    for needed in ("blender_manifest.toml", "__init__.py", "backend/client/pipe.py", "backend/protocol.py",
+                   "backend/worker.py", "operators/generate.py", "operators/jobs.py", "panels/sidebar.py",
+                   "backend/client/mesh_arrays.py"):
         assert needed in names
     for name in names:
         top = name.split("/")[0]

@@ -125,11 +125,21 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    from .files import sigterm_as_interrupt
+
+    with sigterm_as_interrupt():  # SIGTERM unwinds as Ctrl+C does: no temporary file is left behind
+        return _main(argv)
+
+
+def _main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["serve"]:
         from . import worker
 
-        return worker.main(argv[1:])
+        try:
+            return worker.main(argv[1:])
+        except KeyboardInterrupt:  # Ctrl+C or SIGTERM: the job's temporaries are gone, end quietly
+            return 130
     if argv[:1] == ["cluster-serve"]:
         from .server import main as server_main
 

@@ -10,11 +10,8 @@ failed or cancelled run never leaves a partial file under the requested name (a 
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import struct
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -22,6 +19,7 @@ from typing import Optional
 import numpy as np
 
 from .colour import srgb_to_linear
+from .files import atomic_output, atomic_outputs  # noqa: F401 - the one atomic writer, re-exported
 
 FORMATS = (".npz", ".glb", ".ply", ".obj")
 
@@ -120,49 +118,6 @@ def save(mesh: Mesh, path) -> Path:
     with atomic_output(path) as f:
         writers[suffix](mesh, f)
     return path
-
-
-def _current_umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-# mkstemp makes private (0600) files; a finished output gets the mode a plain open() would give it.
-_NEW_FILE_MODE = 0o666 & ~_current_umask()
-
-
-@contextlib.contextmanager
-def atomic_outputs(paths, mode: str = "wb"):
-    """Yield one file object per path, each a temporary file beside its target. Only when the block
-    succeeds are they renamed into place, in the order given (put the main file last, so that whoever
-    sees it finds its companions); on any failure no file is left under a final name."""
-    paths = [Path(p) for p in paths]
-    temporaries, placed = [], []
-    try:
-        with contextlib.ExitStack() as stack:
-            files = []
-            for path in paths:
-                fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-                temporaries.append(tmp)
-                files.append(stack.enter_context(os.fdopen(fd, mode)))
-            yield files
-        for tmp, path in zip(temporaries, paths):
-            os.chmod(tmp, _NEW_FILE_MODE)
-            os.replace(tmp, path)
-            placed.append(path)
-    except BaseException:
-        for leftover in [*temporaries, *placed]:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(leftover)
-        raise
-
-
-@contextlib.contextmanager
-def atomic_output(path: Path, mode: str = "wb"):
-    """Yield a file object for a temporary file that becomes ``path`` only on success."""
-    with atomic_outputs([path], mode) as (f,):
-        yield f
 
 
 def _write_npz(mesh: Mesh, f) -> None:

@@ -159,15 +159,13 @@ def _field_from_image(image_path: Path, spec, options: Options, device, stages: 
 
 
 def save_views(grid, path: Path) -> None:
-    """Write the grid as PNG under a temporary name, then rename (no half-written file is left)."""
+    """Write the grid as PNG, whole or not at all."""
     from PIL import Image
 
-    tmp = path.with_name(f".{path.name}.partial")
-    try:
-        Image.fromarray(grid, "RGB").save(tmp, format="PNG")
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    from .files import atomic_output
+
+    with atomic_output(path) as f:
+        Image.fromarray(grid, "RGB").save(f, format="PNG")
 
 
 def _finish_stats(spec, options: Options, stages: Stages) -> dict:

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from backend import files
 from backend import mesh as meshio
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -268,14 +269,14 @@ def test_a_failing_write_leaves_no_file(tmp_path, monkeypatch, case):
 
 def test_obj_companions_are_removed_when_the_obj_cannot_be_placed(tmp_path, monkeypatch):
     (tmp_path / "m.obj").write_text("the previous result")
-    real_replace = meshio.os.replace
+    real_replace = files.os.replace
 
     def replace(src, dst):
         if str(dst).endswith(".obj"):
             raise OSError("disk full")
         real_replace(src, dst)
 
-    monkeypatch.setattr(meshio.os, "replace", replace)
+    monkeypatch.setattr(files.os, "replace", replace)
     with pytest.raises(OSError):
         meshio.save(capped_cylinder(), tmp_path / "m.obj")
     # The .mtl and .png had been renamed into place already; without their .obj they are taken back.
@@ -285,7 +286,7 @@ def test_obj_companions_are_removed_when_the_obj_cannot_be_placed(tmp_path, monk
 
 def test_outputs_are_readable_like_any_new_file(tmp_path):
     path = meshio.save(triangle_mesh(), tmp_path / "m.glb")
-    assert path.stat().st_mode & 0o777 == meshio._NEW_FILE_MODE  # not mkstemp's private 0600
+    assert path.stat().st_mode & 0o777 == files.NEW_FILE_MODE  # not mkstemp's private 0600
 
 
 # ---- Khronos glTF validator ----

@@ -11,7 +11,6 @@ import binascii
 import collections
 import http.client
 import json
-import os
 import queue
 import socket
 import ssl
@@ -20,6 +19,7 @@ import time
 import urllib.parse
 from pathlib import Path
 
+from .. import files
 from ..protocol import AUTHORIZATION, BEARER, CANCELLED, EVENTS_TYPE, GENERATE_PATH, HEALTH_PATH, LOCAL_OPTIONS, \
     OP_GENERATE, RESULT_FILES, RUNNING, SERVICE, VIEWS_FILE
 from .jobs import EOF, Job, Transport
@@ -279,13 +279,7 @@ def _abort(connection: http.client.HTTPConnection | None) -> None:
 
 
 def _write_atomic(path: Path, data: bytes) -> Path:
-    partial = path.with_name(f".{path.name}.partial")
-    try:
-        partial.write_bytes(data)
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
-    return path
+    return files.write_bytes(path, data)
 
 
 def health(url: str, token: str | None = None, timeout: float = CONNECT_TIMEOUT_S) -> dict:

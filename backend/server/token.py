@@ -15,7 +15,7 @@ import secrets
 import stat
 from pathlib import Path
 
-from .. import licences
+from .. import files, licences
 from ..errors import InputError
 from ..protocol import TOKEN_ENV as ENV
 
@@ -66,15 +66,7 @@ def _create(path: Path) -> str:
     """A new token in ``path``, readable by this user only from the moment it exists (0600, never widened)."""
     token = secrets.token_urlsafe(32)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.partial")
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(token + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    files.write_bytes(path, (token + "\n").encode("utf-8"), permissions=0o600)  # mkstemp: 0600 from the start
     return token
 
 

@@ -8,7 +8,7 @@
 - ``catalog``: the models, their files, licences and defaults, as the preferences and the panel show them;
 - ``mesh_arrays``, ``png``: a result's arrays as Blender wants them, and PNG files from pixel buffers.
 
-May import: ``protocol``, ``options``, ``errors``, ``colour``, ``hub``, ``licences``, ``models.registry`` (all
+May import: ``protocol``, ``options``, ``errors``, ``colour``, ``files``, ``hub``, ``licences``, ``models.registry`` (all
 import-light). The engine (pipeline, models, surface, post-processing, worker, server) never imports this package.
 """
 

@@ -104,12 +104,14 @@ class Options:
 
 def check_views_image(path: Path) -> None:
     """A readable 960×640 image (read from its header only)."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import UnidentifiedImageError
+
+    from .preprocess import open_image
 
     if not path.is_file():
         raise InputError(f"views image not found: {path}")
     try:
-        with Image.open(path) as im:
+        with open_image(path) as im:
             size = im.size
     except (OSError, UnidentifiedImageError) as e:
         raise InputError(f"views image {path} could not be read ({e})") from None

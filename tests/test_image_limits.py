@@ -164,13 +164,27 @@ def fake_ghostscript(tmp_path, monkeypatch):
 def test_eps_named_png_never_runs_ghostscript(tmp_path, fake_ghostscript):
     p = tmp_path / "chair.png"
     p.write_bytes(EPS)
+    from backend.pipeline import check_views_image
+
     attempts = [lambda: pp.load_image(p), lambda: pp.load_image_bytes(EPS, "chair.png"),
-                lambda: pp.open_image(p).load()]
+                lambda: check_views_image(p), lambda: pp.open_image(p).load()]
     for attempt in attempts:
         with pytest.raises(InputError) as e:
             attempt()
         assert "chair.png" in e.value.message and "EPS" in e.value.message, e.value.message
         assert "PNG, JPEG, WebP, TIFF, BMP, GIF, TGA" in e.value.message and e.value.code == "bad_input"
+    assert not fake_ghostscript.exists()
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="a shell-script stand-in for gs")
+def test_views_grids_refuse_eps(tmp_path, fake_ghostscript):
+    pytest.importorskip("torch")
+    from backend.models.instantmesh import views_from_grid
+
+    p = tmp_path / "views.png"
+    p.write_bytes(EPS)
+    with pytest.raises(InputError, match="EPS"):
+        views_from_grid(p)
     assert not fake_ghostscript.exists()
 
 

@@ -92,28 +92,9 @@ class Options:
                 raise InputError(f"the views are saved as PNG, not {Path(self.save_views).name!r}")
             if not Path(self.save_views).parent.resolve().is_dir():
                 raise InputError(f"folder for the views image does not exist: {Path(self.save_views).parent}")
-        if self.views is not None:
-            check_views_image(Path(self.views))
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def check_views_image(path: Path) -> None:
-    """A readable 960×640 image (read from its header only)."""
-    from PIL import Image, UnidentifiedImageError
-
-    if not path.is_file():
-        raise InputError(f"views image not found: {path}")
-    try:
-        with Image.open(path) as im:
-            size = im.size
-    except (OSError, UnidentifiedImageError) as e:
-        raise InputError(f"views image {path} could not be read ({e})") from None
-    if size != VIEWS_SIZE:
-        raise InputError(f"the views image must be {VIEWS_SIZE[0]}×{VIEWS_SIZE[1]} (3 rows × 2 columns of 320² "
-                         f"views), got {size[0]}×{size[1]}: {path}",
-                         hint="Use a grid saved by --save-views, or Zero123++ v1.2's output.")
 
 
 def check_model_options(spec, options: Options) -> None:

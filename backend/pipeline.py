@@ -57,9 +57,12 @@ def bake(image_path, options: Options, vertices, corner_verts, loop_totals, uvs=
 
 
 def _begin(image_path, options: Options, progress, cancelled) -> "Stages":
+    from . import preprocess
     from .models import registry
 
     check(options, registry.get(options.model))
+    if options.views is not None:
+        preprocess.check_views_image(Path(options.views))
     if image_path is not None and options.views is not None:
         raise InputError("give an image or a views grid (--views), not both")
     if image_path is None and options.views is None and not options.field_id:

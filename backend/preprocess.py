@@ -13,9 +13,11 @@ numpy and PIL only at import time; rembg and torch are imported by the functions
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -23,12 +25,26 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from .errors import BackendError, InputError, WeightsError
+from .options import FOREGROUND_RATIO, VIEWS_SIZE
 
-# Declared pixel count above which a file is refused before decoding (about 16k x 16k).
-MAX_PIXELS = 16384 * 16384
 GRAY = 127  # background value of the reference composite ((0.5 * 255) truncated)
 
+# Formats read, by PIL plugin id; any other file is refused before a decoder runs: EPS and PDF would run
+# Ghostscript, and PIL's ~40 other decoders (PSD, JPEG 2000, ICO, PCX...) are attack surface no photo needs.
+# What artists bring: PNG and JPEG (JPEG covers MPO, the multi-picture JPEG of many phones and cameras);
+# TIFF for 16-bit and raw-developer exports; WebP and GIF (first frame) from the web; BMP from older tools;
+# TGA, which Blender and game tools still write. OpenEXR and HEIC are not read by PIL at all.
+ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "TIFF", "BMP", "GIF", "TGA")
+_FORMAT_NAMES = ", ".join({"WEBP": "WebP"}.get(f, f) for f in ALLOWED_FORMATS)
+
+# The most memory loading one image may take, estimated from its header before decoding (see _peak_bytes).
+# 1 GiB takes every camera photo: a 100-megapixel TIFF (PIL keeps 8 bits a channel, padded to 4 bytes a
+# pixel) peaks near 0.8 GB, a 16-bit RGBA 8192² PNG near 0.8 GB; JPEGs are decoded at 1/2 to 1/8 scale
+# (draft) when large, so their size hardly counts. Larger files are refused rather than swapping a machine.
+MAX_IMAGE_BYTES = 1 << 30
+
 _IMAGE_HINT = "Use a PNG or JPEG image."
+_TOO_LARGE_HINT = "Downscale it first; 1-2 megapixels are plenty."
 
 
 # --------------------------------------------------------------------------------------------- loading
@@ -37,10 +53,87 @@ def load_image(path: Path, max_side: int = 4096) -> Image.Image:
     """Read an image file as an 8-bit ``RGB`` or ``RGBA`` PIL image, longest side <= ``max_side``.
 
     EXIF orientation is applied; 16-bit and float images are rescaled (not clipped) to 8 bits; palette
-    transparency becomes alpha; animated files give their first frame. Every failure is an :class:`InputError`.
+    transparency becomes alpha; animated files give their first frame. Only :data:`ALLOWED_FORMATS` are read,
+    within PIL's pixel guard and :data:`MAX_IMAGE_BYTES`. Every failure is an :class:`InputError`.
     """
-    path = Path(path)
-    name = str(path)
+    return _load(Path(path), str(path), max_side)
+
+
+def load_image_bytes(data: bytes, name: str, max_side: int = 4096) -> Image.Image:
+    """:func:`load_image` for a file held in memory (an upload); ``name`` is only used in messages."""
+    if not data:
+        raise InputError(f"Image file {name} is empty (0 bytes)", _IMAGE_HINT)
+    return _load(io.BytesIO(data), name, max_side)
+
+
+def open_image(source, name: Optional[str] = None, max_side: Optional[int] = None) -> Image.Image:
+    """Open a user's image file (a path or a binary file object) with :func:`load_image`'s checks, without
+    decoding it: the allowed formats, PIL's pixel guard, the memory budget (for a full-size decode, or for
+    shrinking to ``max_side``). Use as ``with open_image(path) as im:``. Failures are :class:`InputError`."""
+    name = str(source) if name is None else name
+    if isinstance(source, (str, os.PathLike)):
+        _check_file(Path(source), name)
+    with _input_errors(name):
+        try:
+            with warnings.catch_warnings():
+                # PIL warns between its pixel limit and twice that (where it refuses); there the byte budget
+                # below decides, and a 100-megapixel photo is no bomb.
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                im = Image.open(source, formats=[f for f in ALLOWED_FORMATS if f in _plugins()])
+        except Image.UnidentifiedImageError:
+            other = _sniff(source)
+            if other:
+                raise InputError(f"{name} is an image in {other} format, which is not read (formats read: "
+                                 f"{_FORMAT_NAMES})", "Save it as PNG or JPEG.") from None
+            raise InputError(f"{name} is not an image file that can be read (unknown or unsupported format)",
+                             f"Use a PNG or JPEG image (formats read: {_FORMAT_NAMES}).") from None
+        try:
+            w, h = im.size
+            if w <= 0 or h <= 0:
+                raise InputError(f"Image {name} has zero size ({w}x{h})", _IMAGE_HINT)
+            if max_side is not None and im.format == "JPEG" and max(w, h) > max_side:
+                # Let libjpeg decode at 1/2, 1/4 or 1/8 scale instead of the full image.
+                s = max_side / max(w, h)
+                im.draft(im.mode, (max(1, int(w * s)), max(1, int(h * s))))
+            peak = _peak_bytes(im, max_side is not None and max(im.size) > max_side, w * h)
+            if peak > MAX_IMAGE_BYTES:
+                raise InputError(f"Image {name} is too large to load: {w}×{h} ({im.mode}) needs about "
+                                 f"{peak / 2**20:,.0f} MiB, over the {MAX_IMAGE_BYTES // 2**20:,} MiB limit",
+                                 _TOO_LARGE_HINT)
+        except BaseException:
+            im.close()
+            raise
+    return im
+
+
+def _plugins() -> dict:
+    Image.init()  # registers every plugin; Image.open only ever calls those named in its `formats`
+    return Image.OPEN
+
+
+def _sniff(source) -> Optional[str]:
+    """The format PIL would take a refused file for, from its first 16 bytes only (what Image.open reads):
+    no decoder and no plugin's opener runs."""
+    try:
+        if isinstance(source, (str, os.PathLike)):
+            with open(source, "rb") as f:
+                prefix = f.read(16)
+        else:
+            source.seek(0)
+            prefix = source.read(16)
+    except OSError:
+        return None
+    for fmt, (_, accept) in _plugins().items():
+        try:
+            found = fmt not in ALLOWED_FORMATS and accept and accept(prefix)
+        except Exception:  # an accept() that wants more than 16 bytes
+            continue
+        if found and not isinstance(found, str):  # a str is PIL's "known, but its module is missing"
+            return fmt
+    return None
+
+
+def _check_file(path: Path, name: str) -> None:
     if not path.exists():
         raise InputError(f"Image file not found: {name}", "Check the path.")
     if path.is_dir():
@@ -51,26 +144,17 @@ def load_image(path: Path, max_side: int = 4096) -> Image.Image:
     except OSError as e:
         raise InputError(f"Cannot read image file {name}: {e.strerror or e}") from None
 
+
+@contextmanager
+def _input_errors(name: str):
+    """Whatever PIL raises for a bad file, as an InputError naming it."""
     try:
-        with warnings.catch_warnings():
-            # PIL only warns between MAX_IMAGE_PIXELS and twice that; make both an error at our limit.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            old_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, MAX_PIXELS
-            try:
-                with Image.open(path) as src:
-                    im = _decode(src, max_side, name)
-                    # Detach from the file (closed on leaving the block) if nothing made a new image.
-                    return src.copy() if im is src else im
-            finally:
-                Image.MAX_IMAGE_PIXELS = old_limit
+        yield
     except InputError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise InputError(f"Image {name} is too large (over {MAX_PIXELS:,} pixels)",
-                         "Downscale it first; 1-2 megapixels are plenty.") from None
-    except Image.UnidentifiedImageError:
-        raise InputError(f"{name} is not an image file that can be read (unknown or unsupported format)",
-                         _IMAGE_HINT) from None
+    except Image.DecompressionBombError:
+        limit = 2 * (Image.MAX_IMAGE_PIXELS or 0)  # PIL refuses above twice its (warning) limit
+        raise InputError(f"Image {name} is too large (over {limit:,} pixels)", _TOO_LARGE_HINT) from None
     except PermissionError as e:
         raise InputError(f"Cannot read image file {name}: {e.strerror or e}") from None
     except MemoryError:
@@ -80,31 +164,60 @@ def load_image(path: Path, max_side: int = 4096) -> Image.Image:
                          "Re-export or re-download the image.") from None
 
 
+def _load(source, name: str, max_side: int) -> Image.Image:
+    with open_image(source, name, max_side) as src, _input_errors(name):
+        im = _decode(src, name, max_side)
+        # Detach from the file (closed on leaving the block) if nothing made a new image.
+        return src.copy() if im is src else im
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return text.splitlines()[0] if text else type(e).__name__
 
 
-def _decode(im: Image.Image, max_side: int, name: str) -> Image.Image:
-    w, h = im.size
-    if w <= 0 or h <= 0:
-        raise InputError(f"Image {name} has zero size ({w}x{h})", _IMAGE_HINT)
-    if im.format == "JPEG" and max(w, h) > max_side:
-        # Let libjpeg decode at 1/2, 1/4 or 1/8 scale instead of the full image.
-        s = max_side / max(w, h)
-        im.draft(im.mode, (max(1, int(w * s)), max(1, int(h * s))))
+# 16-bit, 32-bit and float gray: made 8-bit gray a band of rows at a time (never a full-size float copy).
+_HIGH_GRAY = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+_LUT16 = np.rint(np.arange(65536) / 257.0).astype(np.uint8)
+
+
+def _peak_bytes(im: Image.Image, shrinks: bool, file_pixels: int) -> int:
+    """Bytes _decode holds at most for ``im`` (after any draft), from its header alone. Each step frees the
+    image before it, so the peak is one step's input and output: decoding + EXIF rotation (2 x decoded), the
+    conversion to 8 bits (decoded + 8-bit), the shrink or the final copy (2 x 8-bit; 3 x for alpha, which
+    PIL's resize premultiplies in a copy beside its input). PIL stores 1 byte a pixel for 1/L/P, 2 for I;16,
+    else 4. Two decoders hold more, measured: a progressive JPEG keeps every DCT coefficient of the full-size
+    file (2 bytes a sample, whatever the draft), and WebP keeps libwebp's two RGBA canvases and a copy of the
+    frame (12 bytes a pixel) until the image is closed."""
+    mode, alpha = im.mode, "transparency" in im.info or im.mode in ("LA", "La", "PA", "RGBA", "RGBa")
+    decoded = 1 if mode in ("1", "L", "P") else 2 if mode.startswith("I;16") else 4
+    gray = mode in _HIGH_GRAY or (mode in ("1", "L") and not alpha)
+    work = 1 if gray else 4
+    decoder = {"WEBP": 12 * file_pixels}.get(im.format, 0)
+    if im.format in ("JPEG", "MPO") and im.info.get("progressive"):
+        decoder = 2 * len(im.getbands()) * file_pixels
+    return decoder + im.width * im.height * max(2 * decoded, decoded + work, (3 if shrinks and alpha else 2) * work)
+
+
+def _decode(im: Image.Image, name: str, max_side: int) -> Image.Image:
     im.load()  # first frame of animated files; raises on truncated data
     try:
-        im = ImageOps.exif_transpose(im)
+        ImageOps.exif_transpose(im, in_place=True)  # in place: no second full-size image kept
     except Exception:  # a broken EXIF block is not worth refusing the image for
         pass
-    if im.mode in ("L", "LA", "RGB", "RGBA") and "transparency" not in im.info:
-        im = _shrink(im, max_side)  # before converting: cheaper on a huge image
     try:
-        im = _to_8bit(im)
+        im = _replace(im, _to_8bit(im))
     except ValueError:  # PIL has no conversion for a few exotic modes (e.g. LAB)
         raise InputError(f"Image {name} has an unsupported colour mode ({im.mode})", _IMAGE_HINT) from None
-    return _shrink(im, max_side)
+    im = _shrink(im, max_side)
+    return _replace(im, im.convert("RGB" if im.mode == "L" else "RGBA")) if im.mode in ("L", "LA") else im
+
+
+def _replace(old: Image.Image, new: Image.Image) -> Image.Image:
+    """``new``, with ``old``'s pixels freed if it is another image (the caller never uses ``old`` again)."""
+    if new is not old:
+        old.close()
+    return new
 
 
 def _shrink(im: Image.Image, max_side: int) -> Image.Image:
@@ -112,27 +225,50 @@ def _shrink(im: Image.Image, max_side: int) -> Image.Image:
         return im
     s = max_side / max(im.size)
     size = (max(1, round(im.width * s)), max(1, round(im.height * s)))
-    return im.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)  # PIL premultiplies alpha for this
+    return _replace(im, im.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0))  # PIL premultiplies alpha
 
 
 def _to_8bit(im: Image.Image) -> Image.Image:
-    """Any PIL mode -> 8-bit RGB, or RGBA where the file has transparency."""
+    """Any PIL mode -> 8-bit L, LA, RGB or RGBA (RGBA where the file has transparency); gray is kept one band
+    until after the shrink (the same pixels as shrinking it as RGB, for a third of the work)."""
     mode = im.mode
-    if mode.startswith("I;16") or mode in ("I", "F"):
-        a = np.asarray(im, dtype=np.float64)
-        if mode == "F":
-            # Float images are usually [0, 1]; anything larger is taken as [0, 255].
-            a = a * 255.0 if np.nanmax(a) <= 1.0 else a
-        elif mode == "I" and np.max(a) > 65535:
-            a = a * (255.0 / np.max(a))  # a genuinely 32-bit image: use its own range
-        else:
-            a = a / 257.0  # 16-bit range: 65535 -> 255, 257*k -> k
-        g = np.clip(np.rint(np.nan_to_num(a)), 0, 255).astype(np.uint8)
-        return Image.fromarray(np.repeat(g[..., None], 3, axis=2), "RGB")
-    if mode in ("RGB", "RGBA") and "transparency" not in im.info:
-        return im
+    if mode in _HIGH_GRAY:
+        return _gray_to_8bit(im)
+    if "transparency" not in im.info:
+        if mode in ("L", "LA", "RGB", "RGBA"):
+            return im
+        if mode == "1":
+            return im.convert("L")
     has_alpha = "A" in im.getbands() or "a" in im.getbands() or "transparency" in im.info
     return im.convert("RGBA" if has_alpha else "RGB")
+
+
+def _gray_to_8bit(im: Image.Image) -> Image.Image:
+    """16-bit, 32-bit or float gray -> L, rescaled (not clipped): 16-bit by 1/257 (65535 -> 255, 257 k -> k),
+    32-bit by its own maximum where that is over 16 bits, float from [0, 1] (or [0, 255] when larger)."""
+    w, h = im.size
+    rows = max(1, (1 << 20) // w)  # about a megapixel a band: 8 MB of float64
+    bands = [(y, min(h, y + rows)) for y in range(0, h, rows)]
+
+    def band(y0, y1):
+        return np.asarray(im.crop((0, y0, w, y1)), dtype=np.float64)
+
+    if im.mode == "F":  # [0, 1] unless the largest (non-NaN) value says otherwise
+        top = np.fmax.reduce([np.fmax.reduce(band(*b), axis=None) for b in bands])
+        scale = 255.0 if top <= 1.0 else 1.0
+    else:
+        top = im.getextrema()[1] if im.mode == "I" else 0
+        scale = 255.0 / top if top > 65535 else None  # a genuinely 32-bit image: use its own range
+    out = Image.new("L", im.size)
+    for y0, y1 in bands:
+        if scale is None and im.mode.startswith("I;16"):  # a table lookup: the same rounding, 4x faster
+            g = _LUT16[np.asarray(im.crop((0, y0, w, y1)))]
+        else:
+            a = band(y0, y1)
+            a = a / 257.0 if scale is None else a * scale  # 16-bit range: 65535 -> 255
+            g = np.clip(np.rint(np.nan_to_num(a)), 0, 255).astype(np.uint8)
+        out.paste(Image.fromarray(g), (0, y0))
+    return out
 
 
 def has_real_alpha(image: Image.Image) -> bool:
@@ -294,8 +430,6 @@ def prepare(image: Image.Image, *, recipe: str = "triposr", remove_background: b
     """
     if recipe not in RECIPES:
         raise ValueError(f"unknown preprocessing recipe {recipe!r}")
-    from .options import FOREGROUND_RATIO
-
     ratio = FOREGROUND_RATIO[recipe] if foreground_ratio is None else float(foreground_ratio)
     _check_ratio(ratio)
     real_alpha = has_real_alpha(image)
@@ -476,3 +610,21 @@ def to_model_input(rgb_uint8: np.ndarray, size: int):
     x = torch.from_numpy(rgb.astype(np.float32) / 255.0)[None].permute(0, 3, 1, 2)
     x = F.interpolate(x, (size, size), mode="bilinear", align_corners=False, antialias=True)
     return x.permute(0, 2, 3, 1).contiguous()
+
+
+def check_views_image(path: Path) -> None:
+    """A readable 960×640 image (read from its header only)."""
+    from PIL import UnidentifiedImageError
+
+    if not path.is_file():
+        raise InputError(f"views image not found: {path}")
+    try:
+        with open_image(path) as im:
+            size = im.size
+    except (OSError, UnidentifiedImageError) as e:
+        raise InputError(f"views image {path} could not be read ({e})") from None
+
+    if size != VIEWS_SIZE:
+        raise InputError(f"the views image must be {VIEWS_SIZE[0]}×{VIEWS_SIZE[1]} (3 rows × 2 columns of 320² "
+                         f"views), got {size[0]}×{size[1]}: {path}",
+                         hint="Use a grid saved by --save-views, or Zero123++ v1.2's output.")

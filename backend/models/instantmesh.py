@@ -146,9 +146,10 @@ def views_from_grid(grid) -> torch.Tensor:
     view k from row k // 2, column k % 2."""
     from PIL import Image
 
+    from ..preprocess import load_image
+
     if isinstance(grid, (str, Path)):
-        with Image.open(grid) as im:
-            grid = np.asarray(im.convert("RGB"))
+        grid = np.asarray(load_image(grid).convert("RGB"))
     elif isinstance(grid, Image.Image):
         grid = np.asarray(grid.convert("RGB"))
     grid = np.asarray(grid)

@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from ..errors import InputError
+from ..preprocess import load_image
 from . import zero123pp_load as zl
 from .refattn import install_reference_attention, reference_unet_call
 
@@ -41,7 +42,7 @@ def unscale_latents(z: torch.Tensor, scaling_factor: float) -> torch.Tensor:
 
 def to_rgb(image) -> Image.Image:
     if isinstance(image, (str, Path)):
-        image = Image.open(image)
+        image = load_image(image)
     elif isinstance(image, np.ndarray):
         image = Image.fromarray(image)
     if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):

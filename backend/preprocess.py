@@ -24,7 +24,7 @@ from typing import Optional
 import numpy as np
 from PIL import Image, ImageOps
 
-from .errors import BackendError, InputError, WeightsError
+from .errors import BackendError, InputError, WeightsError, first_line
 from .options import FOREGROUND_RATIO, VIEWS_SIZE
 
 GRAY = 127  # background value of the reference composite ((0.5 * 255) truncated)
@@ -160,7 +160,7 @@ def _input_errors(name: str):
     except MemoryError:
         raise InputError(f"Not enough memory to decode image {name}", "Downscale it first.") from None
     except Exception as e:  # truncated/corrupt data surfaces as OSError, SyntaxError, ValueError, zlib.error...
-        raise InputError(f"Image {name} could not be decoded ({_first_line(e)}); the file may be truncated or corrupt",
+        raise InputError(f"Image {name} could not be decoded ({first_line(e)}); the file may be truncated or corrupt",
                          "Re-export or re-download the image.") from None
 
 
@@ -169,16 +169,6 @@ def _load(source, name: str, max_side: int) -> Image.Image:
         im = _decode(src, name, max_side)
         # Detach from the file (closed on leaving the block) if nothing made a new image.
         return src.copy() if im is src else im
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
-
-
-# 16-bit, 32-bit and float gray: made 8-bit gray a band of rows at a time (never a full-size float copy).
-_HIGH_GRAY = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
-_LUT16 = np.rint(np.arange(65536) / 257.0).astype(np.uint8)
 
 
 def _peak_bytes(im: Image.Image, shrinks: bool, file_pixels: int) -> int:
@@ -333,7 +323,7 @@ def _session(path: Path):
     try:
         sess = _FileU2net("u2net", ort.SessionOptions(), model_path=str(path))
     except Exception as e:
-        raise WeightsError(f"The background-removal model {path} could not be loaded ({_first_line(e)})",
+        raise WeightsError(f"The background-removal model {path} could not be loaded ({first_line(e)})",
                            _missing_model_hint(path).replace("Download", "Re-download", 1)) from None
     _SESSIONS[key] = (stamp, sess)
     return sess
@@ -350,7 +340,7 @@ def remove_background(image: Image.Image, u2net_path: Optional[str] = None) -> I
             # A fresh RGB copy carries no EXIF, so rembg cannot re-orient it behind our back.
             out = rembg.remove(Image.fromarray(np.asarray(image.convert("RGB"))), session=session)
     except Exception as e:
-        raise WeightsError(f"The background-removal model {path} failed to run ({_first_line(e)})",
+        raise WeightsError(f"The background-removal model {path} failed to run ({first_line(e)})",
                            "Check that it is rembg's u2net.onnx, or use --no-remove-background.") from None
     return out.convert("RGBA")
 

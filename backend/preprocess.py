@@ -171,6 +171,11 @@ def _load(source, name: str, max_side: int) -> Image.Image:
         return src.copy() if im is src else im
 
 
+# 16-bit, 32-bit and float gray: made 8-bit gray a band of rows at a time (never a full-size float copy).
+_HIGH_GRAY = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+_LUT16 = np.rint(np.arange(65536) / 257.0).astype(np.uint8)
+
+
 def _peak_bytes(im: Image.Image, shrinks: bool, file_pixels: int) -> int:
     """Bytes _decode holds at most for ``im`` (after any draft), from its header alone. Each step frees the
     image before it, so the peak is one step's input and output: decoding + EXIF rotation (2 x decoded), the

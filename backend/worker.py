@@ -21,7 +21,8 @@ from the generation's field (``options.field_id``). Every generation's field is 
 :class:`~.field.FieldCache`; its id is ``stats["field_id"]`` of the result.
 
 One job runs at a time on the main thread; a reader thread takes requests so that ``cancel`` can be seen
-while a job runs. Loaded models stay in ``model_cache`` between jobs (a warm worker skips loading).
+while a job runs. Loaded models stay in ``model_cache`` between jobs (a warm worker skips loading). Its client
+gone, the worker ends within CLIENT_GONE_GRACE_S (+1 s) even if the job does not stop (``orphan_guard``).
 """
 
 from __future__ import annotations

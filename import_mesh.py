@@ -15,6 +15,13 @@ COLOR_ATTRIBUTE = "Color"
 UV_MAP = "UVMap"  # Blender's own default name, so other tools find it
 SETTINGS_KEY = "image_to_3d"
 MATERIAL_NAME = "Image to 3D"
+# The stored placement maps the backend's frame (the model's box, about +-1) to the object's: its scale is the
+# Height asked for over the model's height, 1 in model units. 1e-4..1e4 takes a unit model from 0.1 mm to 10 km
+# tall, every scene's range; beyond it a bake's mesh reaches the backend at 1e4+ (or 1e30, or 0) times its box.
+PLACEMENT_SCALES = (1e-4, 1e4)
+# offset / scale is where the placement's origin (the model box's bottom centre) lies in the backend's frame,
+# within about 1 of its origin; 1e3 is ample headroom and keeps the mesh far inside the backend's own bound.
+MAX_PLACEMENT_REACH = 1e3
 # Fixed node names: a later Bake from Model finds and reuses these nodes instead of stacking new ones.
 TEXTURE_NODE = "Image to 3D Texture"
 UV_NODE = "Image to 3D UV"
@@ -241,7 +248,23 @@ def stored_settings(obj) -> dict | None:
 
 
 def stored_placement(stored: dict):
-    """(scale, offset) as stored on the object, or None for an object made before placements were stored."""
+    """(scale, offset) as stored on the object, or None for an object made before placements were stored.
+    ValueError (naming what is wrong) for one no generation makes: a damaged or hand-edited .blend's, which
+    would send a bake's mesh to 1e30 or NaN in the backend's frame (see :data:`PLACEMENT_SCALES`)."""
     if "placement_scale" not in stored or "placement_offset" not in stored:
         return None
-    return float(stored["placement_scale"]), np.asarray(list(stored["placement_offset"]), dtype=np.float32)
+    try:
+        scale = float(stored["placement_scale"])
+        offset = np.asarray(list(stored["placement_offset"]), dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError("its stored placement is not numbers") from None
+    low, high = PLACEMENT_SCALES
+    if not low <= scale <= high:  # NaN fails this too
+        raise ValueError(f"its placement_scale {scale:g} is outside {low:g} to {high:g}")
+    if offset.shape != (3,) or not np.isfinite(offset).all():
+        raise ValueError("its placement_offset is not three finite numbers")
+    reach = float(np.abs(offset).max()) / scale
+    if reach > MAX_PLACEMENT_REACH:
+        raise ValueError(f"its placement_offset puts the model {reach:g} model units from the origin, beyond "
+                         f"{MAX_PLACEMENT_REACH:g}")
+    return scale, offset.astype(np.float32)

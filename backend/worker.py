@@ -21,7 +21,8 @@ from the generation's field (``options.field_id``). Every generation's field is 
 :class:`~.field.FieldCache`; its id is ``stats["field_id"]`` of the result.
 
 One job runs at a time on the main thread; a reader thread takes requests so that ``cancel`` can be seen
-while a job runs. Loaded models stay in ``model_cache`` between jobs (a warm worker skips loading).
+while a job runs. Loaded models stay in ``model_cache`` between jobs (a warm worker skips loading). Its client
+gone, the worker ends within CLIENT_GONE_GRACE_S (+1 s) even if the job does not stop (``orphan_guard``).
 """
 
 from __future__ import annotations
@@ -36,10 +37,16 @@ import time
 import traceback
 from pathlib import Path
 
-from . import protocol
+from . import orphan_guard, protocol
 from .errors import BackendError, Cancelled, InputError, error_fields
 from .options import parse as parse_options
 PROGRESS_INTERVAL_S = 0.1  # at most ~10 progress events a second per stage, plus every stage change
+# Once the client is gone (stdin closed, or shutdown) the job in flight has this long to see the cancel (one chunk
+# of work takes well under it); a job stuck in a native call that never checks (xatlas on a hostile mesh) is
+# ended with the process, which would otherwise outlive Blender (by orphan_guard when the call holds the GIL).
+# The status is none of errors.py's (1-4, 130).
+CLIENT_GONE_GRACE_S = 5.0
+CLIENT_GONE_EXIT_STATUS = 75
 
 
 class EventWriter:
@@ -74,6 +81,8 @@ class JobControl:
         self.lock = threading.Lock()
         self.current_id = None
         self.cancel = threading.Event()
+        self.idle = threading.Event()  # no job in flight
+        self.idle.set()
         self.requests: queue.Queue = queue.Queue()
 
     def try_begin(self, job_id) -> bool:
@@ -82,11 +91,13 @@ class JobControl:
                 return False
             self.current_id = job_id
             self.cancel.clear()
+            self.idle.clear()
             return True
 
     def finish(self) -> None:
         with self.lock:
             self.current_id = None
+            self.idle.set()
 
     def request_cancel(self, job_id=None) -> None:
         with self.lock:
@@ -95,7 +106,8 @@ class JobControl:
 
 
 def read_requests(stream, control: JobControl, events: EventWriter) -> None:
-    """Reader thread: route each request; on EOF cancel the job in flight and end the loop."""
+    """Reader thread: route each request; on EOF cancel the job in flight and end the loop, and the process if
+    that job has not stopped within CLIENT_GONE_GRACE_S."""
     for line in stream:
         line = line.strip()
         if not line:
@@ -125,6 +137,10 @@ def read_requests(stream, control: JobControl, events: EventWriter) -> None:
                         hint="")
     control.request_cancel()
     control.requests.put(None)
+    if not control.idle.wait(CLIENT_GONE_GRACE_S):
+        print(f"worker: the job did not stop within {CLIENT_GONE_GRACE_S:g} s of the client leaving; exiting",
+              file=sys.stderr, flush=True)
+        os._exit(CLIENT_GONE_EXIT_STATUS)
 
 
 def describe_runtime() -> dict:
@@ -238,6 +254,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.parse_args(argv or [])
 
     events = EventWriter(claim_protocol_stream())
+    # The same guard from outside, for a job whose native call holds the GIL (the reader cannot run then); a second
+    # later, so that the reader's own exit comes first where it can.
+    guard = orphan_guard.start(CLIENT_GONE_GRACE_S + 1)
     control = JobControl()
     reader = threading.Thread(target=read_requests, args=(sys.stdin, control, events), name="requests", daemon=True)
     events.emit(protocol.READY, **describe_runtime())
@@ -252,6 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         if request is None:
             break
         run_job(request, control, events, model_cache, field_cache)
+    orphan_guard.stop(guard)
     return 0
 
 

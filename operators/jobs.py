@@ -81,7 +81,11 @@ def generated_object_problem(context) -> str:
     stored = import_mesh.stored_settings(obj)
     if stored is None or obj.type != "MESH":
         return f"'{obj.name}' was not made by Image to 3D"
-    if not stored.get("field_id") or import_mesh.stored_placement(stored) is None:
+    try:
+        placement = import_mesh.stored_placement(stored)
+    except ValueError as exc:  # a damaged .blend: never sent, the backend could not bake it in finite time
+        return f"'{obj.name}' has a damaged placement ({exc}): generate it again"
+    if not stored.get("field_id") or placement is None:
         return f"'{obj.name}' was made by an older Image to 3D: generate it again"
     image_name = stored.get("image", "")
     if not image_name or bpy.data.images.get(image_name) is None:

@@ -215,6 +215,95 @@ def test_worker_exits_when_its_client_goes_away():
     process.stdout.close()
 
 
+def noisy_sphere(n: int) -> dict:
+    """A bake request's mesh: a sphere of 2n(n-1) triangles with 4 % noise on its radius. xatlas cuts it into
+    thousands of charts: about 40 s at n=100 on a CI core, without a cancel check (a stand-in for the hostile
+    meshes of #20 that never finish)."""
+    u, v = np.meshgrid(np.linspace(0, 2 * np.pi, n, endpoint=False), np.linspace(0.05, np.pi - 0.05, n))
+    r = 0.5 + 0.02 * np.random.default_rng(0).standard_normal(u.shape)
+    vertices = np.stack([r * np.sin(v) * np.cos(u), r * np.sin(v) * np.sin(u), r * np.cos(v)], -1)
+    i, j = np.meshgrid(np.arange(n - 1), np.arange(n), indexing="ij")
+    a, b = (i * n + j).ravel(), (i * n + (j + 1) % n).ravel()
+    c, d = a + n, b + n
+    tris = np.concatenate([np.stack([a, b, d], 1), np.stack([a, d, c], 1)])
+    return {"vertices": vertices.reshape(-1, 3).astype(np.float32), "corner_verts": tris.ravel().astype(np.int32),
+            "loop_totals": np.full(len(tris), 3, np.int32)}
+
+
+def test_a_worker_stuck_in_a_native_call_exits_soon_after_its_client_goes_away(tmp_path):
+    """#20 item 1: Blender gone while xatlas runs (a call that never checks cancel, and holds the GIL so that no
+    thread of the worker runs): its watcher process kills it after the grace, says so on stderr, and goes too."""
+    from backend.worker import CLIENT_GONE_EXIT_STATUS, CLIENT_GONE_GRACE_S
+
+    np.savez(tmp_path / "mesh.npz", **noisy_sphere(120))
+    request = {"op": "bake", "id": "stuck", "image": str(IMAGE), "mesh": str(tmp_path / "mesh.npz"),
+               "output_dir": str(tmp_path), "options": dict(FAST, field_id="0" * 32, texture=1024)}
+    log = tmp_path / "stderr.log"
+    with open(log, "wb") as stderr:
+        process = subprocess.Popen([sys.executable, "-m", "backend", "serve"], cwd=ROOT, env=wire.default_env(ROOT),
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, text=True,
+                                   start_new_session=True)
+    try:
+        assert json.loads(process.stdout.readline())["event"] == "ready"
+        process.stdin.write(json.dumps(request) + "\n")
+        process.stdin.flush()
+        while True:
+            event = json.loads(process.stdout.readline())
+            assert event["event"] == "progress", event
+            if event["stage"] == Stage.UNWRAP:
+                break
+        time.sleep(0.5)  # inside xatlas now
+        process.stdin.close()  # Blender crashed or quit
+        gone = time.monotonic()
+        # Killed by the watcher; the worker's own exit status should a later change let its reader run meanwhile.
+        assert process.wait(CLIENT_GONE_GRACE_S + 5) in (-signal.SIGKILL, CLIENT_GONE_EXIT_STATUS)
+        assert time.monotonic() - gone >= CLIENT_GONE_GRACE_S, "the job had its grace to stop"
+        assert "did not stop" in log.read_text()
+        deadline = time.monotonic() + 2
+        while group_alive(process.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not group_alive(process.pid), "the watcher outlived the worker"
+    finally:
+        if group_alive(process.pid):
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        process.stdout.close()
+
+
+def test_a_job_that_never_checks_cancel_ends_with_the_worker_after_the_grace():
+    """#20 item 1, in the worker itself: its client gone, a job inside a long call that lets other threads run
+    but never checks cancel (here a sleep) ends with the process, with its own status, after the grace."""
+    from backend.worker import CLIENT_GONE_EXIT_STATUS, CLIENT_GONE_GRACE_S
+
+    code = (
+        "import sys, threading, time\n"
+        "from backend import worker\n"
+        "events = worker.EventWriter(worker.claim_protocol_stream())\n"
+        "control = worker.JobControl()\n"
+        "threading.Thread(target=worker.read_requests, args=(sys.stdin, control, events), daemon=True).start()\n"
+        "assert control.try_begin('stuck')\n"
+        "events.emit('ready')\n"
+        "time.sleep(60)\n"
+        "control.finish()\n"
+    )
+    process = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=wire.default_env(ROOT),
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        assert json.loads(process.stdout.readline())["event"] == "ready"
+        process.stdin.close()
+        gone = time.monotonic()
+        assert process.wait(CLIENT_GONE_GRACE_S + 3) == CLIENT_GONE_EXIT_STATUS
+        assert time.monotonic() - gone >= CLIENT_GONE_GRACE_S - 0.1, "the job had its grace to stop"
+        assert "did not stop" in process.stderr.read()
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        process.stdout.close()
+        process.stderr.close()
+
+
 def test_stray_output_goes_to_stderr_not_the_protocol():
     code = (
         "import os, sys\n"

@@ -62,7 +62,7 @@ class StandInWorker:
                 request["mesh"] = {key: data[key] for key in data.files}
         self.requests.append(request)
         job.result_path, job.stats = self.answer(request, str(job.job_dir))
-        job.state = client.DONE
+        job.state = addon_module("backend.protocol").DONE
         self.job = job
         return job
 

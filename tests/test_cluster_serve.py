@@ -4,7 +4,9 @@
 The CLI's mesh over HTTP, warm; the token (made and shown once, 0600; 401 without it, nothing run); the CLI's
 messages for a corrupt or oversized image; a cancel mid-job, then the next job on the same replica; two clients
 on one replica, one told its place in the queue; a replica killed mid-job, then the next job on its successor;
-Bake from Model over HTTP; nothing listening beyond 127.0.0.1; no Ray process left afterwards."""
+Bake from Model over HTTP; slow clients (headers, body, nothing) dropped within the timeouts while a job runs, a
+flood without the token refused while the token gets through, the token refused before the body; /health telling
+a busy replica; nothing listening beyond 127.0.0.1; no Ray process left afterwards."""
 
 import base64
 import http.client
@@ -483,8 +485,8 @@ def _closed(sock: socket.socket) -> bool:
         return False
     try:
         sock.setblocking(False)
-        while data := sock.recv(65536):
-            del data
+        while sock.recv(65536):
+            pass
         return True
     except BlockingIOError:
         return False  # readable, an answer's bytes only: not closed yet
@@ -670,3 +672,16 @@ def test_deeply_nested_json_is_a_bad_request_not_a_server_error():
     with pytest.raises(serve_request.Refusal) as refused:
         serve_request.parse(b"[" * 100_000 + b"]" * 100_000, ("triposr",))
     assert refused.value.status == 400 and refused.value.code == "bad_request"
+
+
+def test_an_upload_is_decoded_once_on_arrival_and_the_generator_gets_the_image():
+    """The Ingress reads the image (the CLI's checks, bounded): the job carries that image, nothing to decode again."""
+    from PIL import Image
+
+    from backend.server import requests as serve_request
+
+    job = serve_request.parse(body_of(IMAGE.read_bytes()), ("triposr",))
+    assert isinstance(job["image"], Image.Image) and job["image"].mode == "RGBA"
+    with Image.open(IMAGE) as original:
+        assert job["image"].size == original.size
+

@@ -3,7 +3,8 @@
     the front (--host:--port; front.py: timeouts, the token before the body, a cap on connections without it)
     → Serve's HTTP proxy (127.0.0.1 only)
     → Ingress: the token, the size limit, the CLI's checks (the image decoded once), the queue, the stream
-        → Generator × N: one job at a time, its model kept loaded (the worker's job code and events, backend/worker.py)
+        → Generator × N: one job at a time, its model kept loaded (the worker's job code and events,
+          backend/worker.py)
         → Board: what each Generator last reported (device, memory, its job's time), for /health
 
 ``POST /generate`` answers with the worker's JSON-line events (``progress``, ``log``, ``error``, ``result``); the
@@ -151,7 +152,7 @@ class Generator:
                 control.request_cancel()
 
     def _run(self, job: dict, control, relay: Relay, events) -> None:
-        """In the job thread: the mesh to bake on as a file, then the worker's own job code (its events, its errors)."""
+        """In the job thread: the mesh to bake on as a file, then the worker's own job code (its events, errors)."""
         from .. import worker
 
         self.busy_since = started = time.monotonic()

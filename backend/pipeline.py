@@ -29,7 +29,7 @@ def generate(image_path, options: Options, progress: Optional[ProgressFn] = None
     """
     stages = _begin(image_path, options, progress, cancelled)
     try:
-        return _generate(image_path and Path(image_path), options, stages, model_cache, field_cache)
+        return _generate(_source(image_path), options, stages, model_cache, field_cache)
     except Exception as e:
         raise _as_out_of_memory(e, stages) from e
 
@@ -46,7 +46,7 @@ def bake(image_path, options: Options, vertices, corner_verts, loop_totals, uvs=
         options = replace(options, texture=DEFAULT_BAKE_SIZE)
     stages = _begin(image_path, options, progress, cancelled)
     try:
-        spec, model, planes, used, options = _field(image_path and Path(image_path), options, stages, model_cache,
+        spec, model, planes, used, options = _field(_source(image_path), options, stages, model_cache,
                                                     field_cache)
         uvs, texture, stats = bake_polygons(vertices, corner_verts, loop_totals, uvs, model.colour_field(planes),
                                             int(options.texture), stages)
@@ -54,6 +54,13 @@ def bake(image_path, options: Options, vertices, corner_verts, loop_totals, uvs=
         return uvs, texture, stats
     except Exception as e:
         raise _as_out_of_memory(e, stages) from e
+
+
+def _source(image):
+    """An image file's path, or an image already read (the server decodes each upload once, on arrival)."""
+    from PIL import Image
+
+    return image if not image or isinstance(image, Image.Image) else Path(image)
 
 
 def _begin(image_path, options: Options, progress, cancelled) -> "Stages":
@@ -129,11 +136,13 @@ def _field(image_path: Optional[Path], options: Options, stages: Stages, model_c
 
 
 def _field_from_image(image_path: Path, spec, options: Options, device, stages: Stages, model_cache):
+    from PIL import Image
+
     from . import preprocess
     from .models import registry
 
     stages.begin(Stage.BACKGROUND, "reading image")
-    image = preprocess.load_image(image_path)
+    image = image_path if isinstance(image_path, Image.Image) else preprocess.load_image(image_path)
     stages.check()
     conditioning = preprocess.prepare(
         image,

@@ -4,13 +4,16 @@
 The CLI's mesh over HTTP, warm; the token (made and shown once, 0600; 401 without it, nothing run); the CLI's
 messages for a corrupt or oversized image; a cancel mid-job, then the next job on the same replica; two clients
 on one replica, one told its place in the queue; a replica killed mid-job, then the next job on its successor;
-Bake from Model over HTTP; nothing listening beyond 127.0.0.1; no Ray process left afterwards."""
+Bake from Model over HTTP; slow clients (headers, body, nothing) dropped within the timeouts while a job runs, a
+flood without the token refused while the token gets through, the token refused before the body; /health telling
+a busy replica; nothing listening beyond 127.0.0.1; no Ray process left afterwards."""
 
 import base64
 import http.client
 import importlib.util
 import json
 import os
+import select
 import shutil
 import signal
 import socket
@@ -465,6 +468,185 @@ def test_closing_the_connection_mid_stream_is_a_cancel(server, tmp_path):
     wait_for_log(server, ": cancelled after", cancelled_before + 1)
 
 
+# -- slow and hostile clients (issue 20, finding 5) --------------------------------------------------------------
+# The server's timeouts (backend/server/front.py), written out here: a test of what a client meets.
+IDLE_S, HEADER_S, BODY_S, MAX_UNAUTHENTICATED = 5, 10, 10, 64
+SLACK_S = 3  # this 2-core machine is shared
+
+
+def _connect(server) -> socket.socket:
+    return socket.create_connection(("127.0.0.1", server.port), timeout=30)
+
+
+def _closed(sock: socket.socket) -> bool:
+    """Whether the server closed (or answered and closed) the connection; never blocks."""
+    if not select.select([sock], [], [], 0)[0]:
+        return False
+    try:
+        sock.setblocking(False)
+        while sock.recv(65536):
+            pass
+        return True
+    except BlockingIOError:
+        return False  # readable, an answer's bytes only: not closed yet
+    except OSError:
+        return True
+    finally:
+        sock.setblocking(True)
+
+
+def _dribble(server, start: bytes, drip: bytes, limit_s: float) -> float | None:
+    """Connect, send ``start``, then one byte of ``drip`` a second: the seconds until the server dropped it."""
+    began = time.monotonic()
+    with _connect(server) as sock:
+        if start:
+            sock.sendall(start)
+        for i in range(int(limit_s * 10)):  # bounded: limit_s at most
+            if _closed(sock):
+                return time.monotonic() - began
+            if drip and i % 10 == 0:
+                try:
+                    sock.sendall(drip[(i // 10) % len(drip):][:1])
+                except OSError:
+                    return time.monotonic() - began
+            time.sleep(0.1)
+    return None
+
+
+@needs_serve
+def test_slow_clients_are_dropped_within_the_timeouts_while_a_generation_runs(server, tmp_path):
+    import concurrent.futures
+
+    headers = (f"POST /generate HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {server.token}\r\n"
+               "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n").encode()
+    kinds = {"silent": (b"", b"", IDLE_S), "headers": (b"POST /generate HTTP/1.1\r\n", b"X-Slow: abcdef\r\n", HEADER_S),
+             "body": (headers, b'{"op": "generate"', BODY_S)}
+    limit = max(HEADER_S, BODY_S) + 2 * SLACK_S
+    with concurrent.futures.ThreadPoolExecutor(30) as pool:
+        futures = {kind: [pool.submit(_dribble, server, start, drip, limit) for _ in range(10)]
+                   for kind, (start, drip, _) in kinds.items()}
+        w = server.client(tmp_path)
+        job = w.submit(str(IMAGE), FAST)
+        collect(w)
+        assert job.state == protocol.DONE, job.error
+        dropped = {kind: [f.result() for f in fs] for kind, fs in futures.items()}
+    print({kind: max(t or float("inf") for t in times) for kind, times in dropped.items()})
+    for kind, (_, _, timeout) in kinds.items():
+        assert all(t is not None and t <= timeout + SLACK_S for t in dropped[kind]), (kind, dropped[kind])
+    assert wire.health(server.url, server.token)["queue"] == {"waiting": 0, "running": 0}
+
+
+@needs_serve
+def test_a_flood_of_unauthenticated_connections_is_refused_while_the_token_gets_through(server):
+    flood = [_connect(server) for _ in range(MAX_UNAUTHENTICATED + 16)]
+    try:
+        report = wire.health(server.url, server.token)
+        assert report["service"] == "image_to_3d"
+        time.sleep(0.5)
+        answers = [sock.recv(4096) for sock in flood if select.select([sock], [], [], 0)[0]]
+        refused = [a for a in answers if a.startswith(b"HTTP/1.1 503")]
+        assert len(refused) >= 16, f"{len(refused)} of {len(flood)} refused"
+        assert b'"code": "busy"' in refused[0] and b"Connection: close" in refused[0]
+    finally:
+        for sock in flood:
+            sock.close()
+
+
+@needs_serve
+def test_the_token_is_refused_before_any_body_is_read(server):
+    """64 MB declared, 1 KB sent: 401 at once, and the connection closed without waiting for the rest."""
+    for token in (None, "x" * 43):
+        with _connect(server) as sock:
+            auth = f"Authorization: Bearer {token}\r\n" if token else ""
+            began = time.monotonic()
+            sock.sendall(f"POST /generate HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: application/json\r\n"
+                         f"Content-Length: {64 * 2**20}\r\n\r\n".encode() + b"{" * 1024)
+            answer = b""
+            while chunk := sock.recv(65536):  # the server closes it (a timeout of 30 s fails the test)
+                answer += chunk
+            assert time.monotonic() - began < SLACK_S, "closed without waiting for the 64 MB"
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 401") and b"WWW-Authenticate: Bearer" in head
+        assert json.loads(body)["code"] == "unauthorized"
+
+
+@needs_serve
+def test_health_shows_a_busy_replica_and_for_how_long(server, tmp_path):
+    w = server.client(tmp_path)
+    job = w.submit(str(IMAGE), SLOW)
+    wait_for_stage(w, SURFACE)
+    (first,) = wire.health(server.url, server.token)["devices"]
+    time.sleep(1.5)
+    (second,) = wire.health(server.url, server.token)["devices"]
+    assert not job.finished, "the job ended too soon to be seen running"
+    assert first["busy"] and second["busy"] and second["job_s"] >= first["job_s"] + 1 > 1, (first, second)
+    assert second["report_s"] < 10, "the replica reports while it works"
+    collect(w)
+    time.sleep(0.5)
+    (idle,) = wire.health(server.url, server.token)["devices"]
+    assert not idle["busy"] and idle["job_s"] is None
+
+
+def test_the_front_streams_a_long_answer_past_every_timeout_and_passes_the_request_on(tmp_path):
+    """The front alone (short timeouts) before a stand-in upstream on 127.0.0.1 that streams for 2.5 s."""
+    import http.server
+    import threading
+
+    from backend.server import front
+
+    seen = []
+
+    class Upstream(http.server.BaseHTTPRequestHandler):  # answers as Serve's proxy: chunked, then closed
+        protocol_version = "HTTP/1.1"
+
+        def do_POST(self):
+            seen.append((dict(self.headers), self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(200)
+            self.send_header("Content-Type", "application/x-ndjson")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.send_header("Connection", "close")
+            self.end_headers()
+            for i in range(6):
+                line = b'{"event": "progress", "i": %d}\n' % i if i < 5 else b""
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(line), line))
+                self.wfile.flush()
+                time.sleep(0.5 if line else 0)
+
+        def log_message(self, *args):
+            pass
+
+    upstream = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Upstream)
+    threading.Thread(target=upstream.serve_forever, daemon=True).start()
+    limits = front.Limits(idle_s=0.5, header_s=0.5, body_s=0.5, write_stall_s=0.5, max_unauthenticated=2)
+    token = "t" * 43
+    running = front.start(front.listen("127.0.0.1", 0), upstream.server_address, serve_token.digest(token), 2**20,
+                          limits)
+    port = running.server.sockets[0].getsockname()[1]
+    try:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        connection.request("POST", "/generate", body=b"x" * 100_000, headers={
+            "Authorization": f"Bearer {token}", "Expect": "100-continue", "Connection": "keep-alive"})
+        response = connection.getresponse()
+        began = time.monotonic()
+        assert response.status == 200 and response.read().count(b"progress") == 5
+        assert time.monotonic() - began > 2, "streamed as it came, past every timeout"
+        (headers, body), = seen
+        assert body == b"x" * 100_000 and headers["Connection"] == "close" and "Expect" not in headers
+        assert connection.sock is not None and not response.getheader("Connection"), "the client's stays open"
+        connection.request("POST", "/generate", body=b"{}", headers={"Authorization": f"Bearer {token}"})
+        assert connection.getresponse().read().count(b"progress") == 5 and len(seen) == 2, "and takes the next"
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as silent:
+            began = time.monotonic()
+            assert not silent.recv(4096) and time.monotonic() - began < 2
+        status, _, answer = post(Server(None, f"http://127.0.0.1:{port}", token, *[None] * 3),
+                                 b"x" * (2**20 + 1), token)
+        assert status == 413 and answer["code"] == "too_large" and len(seen) == 2
+    finally:
+        running.stop()
+        upstream.shutdown()
+        upstream.server_close()
+
+
 @needs_serve
 def test_nothing_of_the_server_listens_beyond_loopback(server):
     sockets = listening(server.processes())
@@ -489,3 +671,16 @@ def test_deeply_nested_json_is_a_bad_request_not_a_server_error():
     with pytest.raises(serve_request.Refusal) as refused:
         serve_request.parse(b"[" * 100_000 + b"]" * 100_000, ("triposr",))
     assert refused.value.status == 400 and refused.value.code == "bad_request"
+
+
+def test_an_upload_is_decoded_once_on_arrival_and_the_generator_gets_the_image():
+    """The Ingress reads the image (the CLI's checks, bounded): the job carries that image, nothing to decode again."""
+    from PIL import Image
+
+    from backend.server import requests as serve_request
+
+    job = serve_request.parse(body_of(IMAGE.read_bytes()), ("triposr",))
+    assert isinstance(job["image"], Image.Image) and job["image"].mode == "RGBA"
+    with Image.open(IMAGE) as original:
+        assert job["image"].size == original.size
+

@@ -1,9 +1,11 @@
 """The shared server's Ray Serve application, started by ``python -m backend cluster-serve``::
 
-    Serve's HTTP proxy (--host:--port) → Ingress: the token, the size limit, the CLI's checks, the queue, the stream
-                                          → Generator × N: one job at a time, its model kept loaded (the worker's
-                                            job code and events, backend/worker.py)
-                                          → Board: what each Generator last reported (device, memory), for /health
+    the front (--host:--port; front.py: timeouts, the token before the body, a cap on connections without it)
+    → Serve's HTTP proxy (127.0.0.1 only)
+    → Ingress: the token, the size limit, the CLI's checks (the image decoded once), the queue, the stream
+        → Generator × N: one job at a time, its model kept loaded (the worker's job code and events,
+          backend/worker.py)
+        → Board: what each Generator last reported (device, memory, its job's time), for /health
 
 ``POST /generate`` answers with the worker's JSON-line events (``progress``, ``log``, ``error``, ``result``); the
 result carries the .npz (and the views of a multi-view model) in base64. While every Generator is busy a job
@@ -34,7 +36,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 
 from ..protocol import GENERATE_PATH, HEALTH_PATH, SERVICE, Stage
-from . import requests as serve_request, token as serve_token
+from . import requests as serve_request
 
 APP_NAME = "image_to_3d"
 PROTOCOL = 1
@@ -81,11 +83,10 @@ def keep_grpc_on_loopback() -> None:
 
 class Relay:
     """The worker's :class:`~.worker.EventWriter` for a stream: each event goes to the request's asyncio queue
-    (from the job's thread); a result takes its files along, and messages name the upload, not the server's temp
-    file."""
+    (from the job's thread); a result takes its files along."""
 
-    def __init__(self, loop, events: asyncio.Queue, renames: dict):
-        self.loop, self.events, self.renames = loop, events, renames
+    def __init__(self, loop, events: asyncio.Queue):
+        self.loop, self.events = loop, events
         self.last = None  # the last event's kind (and an error's code), for the log
 
     def emit(self, event: str, **fields) -> None:
@@ -93,10 +94,6 @@ class Relay:
             fields["npz"] = base64.b64encode(Path(fields.pop("path")).read_bytes()).decode("ascii")
             views = fields.pop("views", None)
             fields["views_png"] = base64.b64encode(Path(views).read_bytes()).decode("ascii") if views else None
-        for key in ("message", "hint"):
-            if isinstance(fields.get(key), str):
-                for path, name in self.renames.items():
-                    fields[key] = fields[key].replace(path, name)
         self.last = fields.get("code", event)
         self.put({"event": event, **fields})
 
@@ -122,7 +119,8 @@ class Generator:
         self.model_cache: dict = {}
         self.field_cache = FieldCache()
         self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="job")
-        self.busy = False
+        self.busy_since = None  # time.monotonic() when the running job started
+        self.changed = threading.Event()  # a job started or ended: report now
         if config.get("threads"):
             import torch
 
@@ -144,7 +142,7 @@ class Generator:
 
         control = JobControl()
         control.try_begin(job["id"])
-        future = loop.run_in_executor(self.executor, self._run, job, control, Relay(loop, events, {}), events)
+        future = loop.run_in_executor(self.executor, self._run, job, control, Relay(loop, events), events)
         yield {"event": "log", "level": "info", "message": f"job {job['id']} started on {self.device}"}
         try:
             while (event := await events.get()) is not None:
@@ -154,21 +152,17 @@ class Generator:
                 control.request_cancel()
 
     def _run(self, job: dict, control, relay: Relay, events) -> None:
-        """In the job thread: the upload as files, then the worker's own job code (its events, its errors)."""
+        """In the job thread: the mesh to bake on as a file, then the worker's own job code (its events, errors)."""
         from .. import worker
 
-        self.busy, started = True, time.perf_counter()
+        self.busy_since = started = time.monotonic()
+        self.changed.set()  # /health says busy from the job's start: a stuck job shows, its time growing
         folder = Path(tempfile.mkdtemp(prefix="job-"))
         try:
-            request = {"op": job["op"], "id": job["id"], "image": None, "mesh": None,
+            # The image as the Ingress decoded it (requests.read_image): read once per request.
+            request = {"op": job["op"], "id": job["id"], "image": job.get("image"), "mesh": None,
                        "output_dir": str(folder / "out")}
             (folder / "out").mkdir()
-            if job.get("image") is not None:
-                image = folder / "in" / job["image_name"]
-                image.parent.mkdir()
-                image.write_bytes(job["image"])
-                request["image"] = str(image)
-                relay.renames[str(image)] = job["image_name"]
             if job.get("mesh") is not None:
                 (folder / "mesh.npz").write_bytes(job["mesh"])
                 request["mesh"] = str(folder / "mesh.npz")
@@ -183,13 +177,13 @@ class Generator:
             relay.emit("error", id=job["id"], **worker.error_fields(exc))
         finally:
             shutil.rmtree(folder, ignore_errors=True)
-            self.busy = False
-            logger.info("job %s: %s after %.1f s", job["id"], relay.last, time.perf_counter() - started)
+            self.busy_since = None
+            logger.info("job %s: %s after %.1f s", job["id"], relay.last, time.monotonic() - started)
             relay.put(None)
-            self._report()
+            self.changed.set()
 
     def describe(self) -> dict:
-        """This replica's device and its memory (what /health shows)."""
+        """This replica's device, its memory and whether a job runs, for how long (what /health shows)."""
         import psutil
 
         if self.device.type == "cuda":
@@ -200,8 +194,10 @@ class Generator:
         else:
             memory = psutil.virtual_memory()
             free, total, name = memory.available, memory.total, "CPU" if self.device.type == "cpu" else "Apple GPU"
+        since = self.busy_since
         return {"device": self.device.type, "name": name, "memory_total_mb": total // 2**20,
-                "memory_free_mb": free // 2**20, "busy": self.busy}
+                "memory_free_mb": free // 2**20, "busy": since is not None,
+                "job_s": None if since is None else round(time.monotonic() - since, 1)}
 
     def _report(self) -> None:
         try:
@@ -211,14 +207,17 @@ class Generator:
 
     def _report_every(self) -> None:
         while True:
+            self.changed.clear()
             self._report()
-            time.sleep(REPORT_S)
+            self.changed.wait(REPORT_S)
 
 
 @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000,
                   logging_config={"enable_access_log": False})  # a report every REPORT_S per replica: no log line each
 class Board:
-    """What each Generator last reported; those silent for STALE_S are gone."""
+    """What each Generator last reported; those silent for STALE_S are gone. ``job_s`` (how long its job has run)
+    and ``report_s`` (how long ago it reported) are as of now: a replica stuck in a job that holds the GIL reports
+    nothing more, and shows busy, both growing, until Serve's health check replaces it."""
 
     def __init__(self):
         keep_grpc_on_loopback()
@@ -230,7 +229,12 @@ class Board:
     def devices(self) -> list:
         now = time.monotonic()
         self.reports = {k: v for k, v in self.reports.items() if now - v[0] < STALE_S}
-        return [info for _, info in self.reports.values()]
+        shown = []
+        for at, info in self.reports.values():
+            silent = now - at
+            job_s = None if info.get("job_s") is None else round(info["job_s"] + silent, 1)
+            shown.append(dict(info, job_s=job_s, report_s=round(silent, 1)))
+        return shown
 
 
 # -- the HTTP side -------------------------------------------------------------------------------------------
@@ -260,11 +264,10 @@ class Ingress:
         self.running = 0
 
     async def __call__(self, request: Request):
-        header = request.headers.get("authorization")
-        if not serve_token.accepts(self.token_digest, header):  # every request, whatever it asks for
-            what = "The server refused the token" if serve_token.presented(header) else \
-                "This server needs a token (Authorization: Bearer TOKEN)"
-            return _refused(serve_request.Refusal(401, "unauthorized", what))
+        # Every request, whatever it asks for (the front checked it already; Serve's proxy is reachable on loopback).
+        refusal = serve_request.unauthorized(self.token_digest, request.headers.get("authorization"))
+        if refusal is not None:
+            return _refused(refusal)
         path = request.url.path.rstrip("/") or "/"
         if path == HEALTH_PATH and request.method in ("GET", "HEAD"):
             return await self._health()

@@ -3,7 +3,8 @@
 One machine (the default: a Ray of this machine alone, every part of it on 127.0.0.1) or a Ray cluster
 (``--address auto`` on the head node of ``ray start --head``). One replica per GPU (``--gpus-per-replica``, or
 ``--replicas N``), each keeping its model loaded; jobs beyond them wait in a queue. Every request needs the token
-(``Authorization: Bearer``); see :mod:`.token`. The application itself is :mod:`.app`.
+(``Authorization: Bearer``); see :mod:`.token`. The application itself is :mod:`.app`; the public port is
+:mod:`.front`'s (timeouts, the token before the body), which passes requests to Serve's proxy on 127.0.0.1.
 
 Exit status: 0 after Ctrl+C (or SIGTERM), 2 a bad option, 3 missing weights, 4 a licence to accept, 1 anything else.
 """
@@ -22,7 +23,7 @@ import time
 from pathlib import Path
 
 from ..errors import BackendError, InputError, first_line
-from . import token as serve_token
+from . import front, token as serve_token
 
 REQUIREMENTS = "backend/requirements-serve.txt"
 DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 8765
@@ -73,8 +74,7 @@ def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     try:
         config = _config(args)
-        if args.address is None:
-            _check_port_free(args.host, args.port)
+        _check_port_free(args.host, args.port)  # the front's, on this machine (Serve's proxy is on loopback)
         ray, serve = _require_serve(local=args.address is None)
         token, origin, created = serve_token.resolve(args.token_file)  # made only once the server can start
         os.environ.pop(serve_token.ENV, None)  # Ray's processes inherit this environment; only a digest goes on
@@ -107,19 +107,30 @@ def _serve(ray, serve, args, config: dict, token: str, origin: str, created: boo
     config.update(device="cpu" if on_cpu else "auto", threads=actor_options["num_cpus"] if on_cpu else None)
     print(f"Starting {replicas} replica{'s' if replicas > 1 else ''} ({_describe_shape(actor_options)}), "
           f"loading {config['models'][0]}...", file=sys.stderr, flush=True)
+    running = None
     try:
-        serve.start(http_options={"host": args.host, "port": args.port, "location": "HeadOnly"})
+        # Serve's proxy on loopback only; the public port is the front's (front.py: timeouts, the token first).
+        proxy = ("127.0.0.1", _free_loopback_port())
+        serve.start(http_options={"host": proxy[0], "port": proxy[1], "location": "HeadOnly"})
         serve.run(serve_app.build(config, replicas, actor_options), name=serve_app.APP_NAME, route_prefix="/")
+        _wait_for_proxy(proxy)
+        family = socket.AF_INET6 if ":" in _resolved(args.host) else socket.AF_INET
+        running = front.start(front.listen(args.host, args.port, family), proxy,
+                              bytes.fromhex(config["token_sha256"]), config["max_upload_bytes"])
         _announce(args, config, replicas, token, origin, created)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
         print("stopping the server...", file=sys.stderr, flush=True)
         return 0
+    except BackendError:
+        raise
     except Exception as e:  # noqa: BLE001 - a replica that cannot start (its weights, its GPU): say why
         return _fail(1, f"the server could not start: {first_line(e, 500)}",
                      "The replicas' log is in Ray's session folder (logs/serve/)")
     finally:
+        if running is not None:
+            running.stop()
         _stop(serve, serve_app.APP_NAME, args.address)
 
 
@@ -166,6 +177,26 @@ def _weights_for(model_id: str, folder: str | None, count: int) -> str | None:
         raise InputError(f"--weights {folder} has no sub-folder {model_id}/: with several models it must hold one "
                          "sub-folder per model id")
     return str(Path(folder).expanduser().resolve())
+
+
+def _free_loopback_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _wait_for_proxy(address: tuple, timeout: float = 60.0) -> None:
+    """Serve's proxy runs on the head node; the front forwards to it over loopback, so it must be on this machine."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(address, timeout=2).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise InputError("Ray Serve's HTTP proxy is not on this machine",
+                                 hint="Run cluster-serve on the cluster's head node (--address auto there)") from None
+            time.sleep(0.2)
 
 
 def _resolved(host: str) -> str:

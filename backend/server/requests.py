@@ -7,8 +7,8 @@
 
 The options are the worker's (:class:`~.pipeline.Options`), checked as the CLI checks them, less what the server
 keeps for itself: its model files, its devices, and any path on its disks. The image is read as the CLI reads it,
-so a bad one gets the CLI's message, naming the file as the client named it. Every refusal is a :class:`Refusal`:
-an HTTP status and the worker's error fields (code, message, hint).
+once per request (the Generator gets it decoded), so a bad one gets the CLI's message, naming the file as the client
+named it. Every refusal is a :class:`Refusal`: an HTTP status and the worker's error fields (code, message, hint).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from pathlib import Path
 from ..errors import BackendError, InputError
 from ..options import check as check_all, parse as parse_options
 from ..protocol import JOB_OPS
+from . import token as serve_token
 
 OPS = JOB_OPS
 # Options a client may not set: the server's own files and devices (and a licence only its operator accepts).
@@ -46,6 +47,15 @@ class Refusal(Exception):
         return {"event": "error", "code": self.code, "message": self.message, "hint": self.hint}
 
 
+def unauthorized(token_digest: bytes, header: str | None) -> Refusal | None:
+    """The 401 for a request whose ``Authorization`` header does not carry the token; None where it does."""
+    if serve_token.accepts(token_digest, header):
+        return None
+    what = "The server refused the token" if serve_token.presented(header) else \
+        "This server needs a token (Authorization: Bearer TOKEN)"
+    return Refusal(401, "unauthorized", what)
+
+
 def too_large(size: int, limit: int) -> Refusal:
     return Refusal(413, "too_large", f"The upload is {size / 2**20:.1f} MB; this server takes at most "
                    f"{limit / 2**20:.0f} MB", "Use a smaller image (1-2 megapixels are plenty), or ask the server's "
@@ -53,8 +63,8 @@ def too_large(size: int, limit: int) -> Refusal:
 
 
 def parse(body: bytes, served: tuple) -> dict:
-    """The job the Generator replicas run: ``op``, ``options`` (checked), ``image`` bytes and ``image_name``,
-    ``mesh`` bytes. ``served``: the model ids this server offers."""
+    """The job the Generator replicas run: ``op``, ``options`` (checked), ``image`` (decoded once, here: a PIL image,
+    :func:`read_image`) and ``image_name``, ``mesh`` bytes. ``served``: the model ids this server offers."""
     try:
         request = json.loads(body)
     except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: JSON nested beyond the parser
@@ -69,8 +79,7 @@ def parse(body: bytes, served: tuple) -> dict:
     job = {"op": op, "options": options, "image": None, "image_name": None, "mesh": None}
     if request.get("image") is not None:
         job["image_name"] = upload_name(request.get("image_name"))
-        job["image"] = _decoded(request["image"], "image")
-        check_image(job["image"], job["image_name"])
+        job["image"] = read_image(_decoded(request["image"], "image"), job["image_name"])
     elif op == "generate" and not options.get("field_id"):
         raise Refusal(400, "bad_input", "no image given")
     if op == "bake":
@@ -111,15 +120,16 @@ def upload_name(name) -> str:
     return name or "image"
 
 
-def check_image(data: bytes, name: str) -> None:
-    """Read the image as the CLI does; a refusal carries the CLI's message, naming the upload ``name``."""
+def read_image(data: bytes, name: str):
+    """The image, read (bounded) as the CLI reads it, once per request: the Generator gets this decoded image, not
+    the upload. A refusal carries the CLI's message, naming the upload ``name``."""
     from .. import preprocess
 
     folder = Path(tempfile.mkdtemp(prefix="upload-"))
     try:
         path = folder / name
         path.write_bytes(data)
-        preprocess.load_image(path)
+        return preprocess.load_image(path)
     except InputError as e:
         raise Refusal(400, e.code, e.message.replace(str(path), name), e.hint.replace(str(path), name)) from None
     finally:

@@ -17,9 +17,6 @@ import base64
 import binascii
 import json
 import re
-import shutil
-import tempfile
-from pathlib import Path
 
 from ..errors import BackendError, InputError
 from ..options import check as check_all, parse as parse_options
@@ -125,15 +122,10 @@ def read_image(data: bytes, name: str):
     the upload. A refusal carries the CLI's message, naming the upload ``name``."""
     from .. import preprocess
 
-    folder = Path(tempfile.mkdtemp(prefix="upload-"))
     try:
-        path = folder / name
-        path.write_bytes(data)
-        return preprocess.load_image(path)
+        return preprocess.load_image_bytes(data, name)
     except InputError as e:
-        raise Refusal(400, e.code, e.message.replace(str(path), name), e.hint.replace(str(path), name)) from None
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
+        raise Refusal(400, e.code, e.message, e.hint) from None
 
 
 def _decoded(text, what: str) -> bytes:

@@ -12,17 +12,16 @@ Exit status: 0 after Ctrl+C (or SIGTERM), 2 a bad option, 3 missing weights, 4 a
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib.util
 import ipaddress
 import os
-import signal
 import socket
 import sys
 import time
 from pathlib import Path
 
 from ..errors import BackendError, InputError, first_line
+from ..files import sigterm_as_interrupt
 from . import front, token as serve_token
 
 REQUIREMENTS = "backend/requirements-serve.txt"
@@ -88,7 +87,7 @@ def main(argv=None) -> int:
               "a TLS reverse proxy on a network you trust (README: A shared GPU server)", file=sys.stderr)
 
     try:
-        with _ray(args.address), _stop_on_sigterm():  # after ray.init, which sets a SIGTERM handler of its own
+        with _ray(args.address), sigterm_as_interrupt():  # after ray.init, which sets a SIGTERM handler of its own
             return _serve(ray, serve, args, config, token, origin, created)
     except BackendError as e:
         return _fail(e.exit_status, e.message, e.hint)
@@ -287,19 +286,6 @@ def _stop(serve, app_name: str, address: str | None) -> None:
             serve.delete(app_name)
     except Exception as e:  # noqa: BLE001 - already gone (Ray lost): nothing left to stop
         print(f"note: stopping Serve: {first_line(e, 500)}", file=sys.stderr)
-
-
-@contextlib.contextmanager
-def _stop_on_sigterm():
-    """SIGTERM (a service manager, a test) stops the server as Ctrl+C does: Serve and Ray shut down."""
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _fail(status: int, message: str, hint: str = "") -> int:

@@ -15,10 +15,8 @@ Exit status 1 when any rule is broken (the JSON says which). Loopback only; it s
 import argparse
 import io
 import json
-import os
 import random
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -38,10 +36,12 @@ sys.path.insert(0, str(ROOT))
 from backend import client as wire  # noqa: E402
 from backend import protocol  # noqa: E402
 
+import bench_remote  # noqa: E402 - the server as that benchmark starts it
+
 TINY = ROOT / "tests" / "data" / "triposr_tiny"
 IMAGE = TINY / "input_rgba.png"
 GOOD = {"weights": str(TINY), "remove_background": False, "device": "cpu"}
-TOKEN = "soak-token-" + "7" * 24
+TOKEN = bench_remote.TOKEN
 WARM_AFTER = 20
 
 
@@ -164,23 +164,9 @@ def soak_worker(args, work: Path, hostile: dict, rng: random.Random) -> dict:
 
 
 def soak_server(args, work: Path, hostile: dict, rng: random.Random) -> dict:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    ray_tmp = Path(tempfile.mkdtemp(prefix="r", dir="/tmp"))
-    log = work / "server.log"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_TMPDIR": str(ray_tmp), protocol.TOKEN_ENV: TOKEN}
-    with open(log, "w") as out:
-        process = subprocess.Popen([sys.executable, "-m", "backend", "cluster-serve", "--port", str(port),
-                                    "--weights", str(TINY)], cwd=ROOT, env=env, stdout=out, stderr=out)
-    url = f"http://127.0.0.1:{port}"
+    process, url, ray_tmp, _ = bench_remote.start_server(work, replicas=1)
     records, rss = [], {}
     try:
-        deadline = time.monotonic() + 600
-        while "ready at" not in log.read_text():
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"the server did not start:\n{log.read_text()[-3000:]}")
-            time.sleep(0.5)
         warm = wire.RemoteWorker(url, TOKEN, temp_dir=str(work / "warm"))
         first = warm.submit(str(IMAGE), dict(GOOD, resolution=48))
         warm.wait(300)

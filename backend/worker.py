@@ -225,16 +225,12 @@ def _bake(request, options, output_dir: Path, progress, cancelled, model_cache, 
     import numpy as np
 
     from .mesh import atomic_output
+    from .mesh_input import load_bake_mesh
     from .pipeline import bake
 
     if not options.field_id:
         raise InputError("Bake from Model needs the generation's field id (options.field_id)")
-    try:
-        with np.load(request.get("mesh") or "") as data:
-            polygons = {k: data[k] for k in ("vertices", "corner_verts", "loop_totals")}
-            polygons["uvs"] = data["uvs"] if "uvs" in data else None
-    except (OSError, ValueError, KeyError) as e:
-        raise InputError(f"the mesh to bake on could not be read: {e}") from None
+    polygons = load_bake_mesh(request.get("mesh") or "")  # checked from the headers on: bad_input if unfit
     try:
         uvs, texture, stats = bake(request.get("image") or None, options, progress=progress, cancelled=cancelled,
                                    model_cache=model_cache, field_cache=field_cache, **polygons)

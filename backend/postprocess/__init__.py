@@ -72,15 +72,13 @@ def texture_for(vertices, faces, colour_field, size: int, stages):
 def bake_polygons(vertices, corner_verts, loop_totals, uvs, colour_field, size: int, stages):
     """Bake from Model on any polygon mesh: -> (uvs (L, 2) per loop, texture, stats). Without ``uvs`` an
     atlas is made."""
+    from ..mesh_input import check_polygons
     from .atlas import fan, unwrap
 
     vertices = np.asarray(vertices, np.float32).reshape(-1, 3)
     corner_verts = np.asarray(corner_verts, np.int64).reshape(-1)
     loop_totals = np.asarray(loop_totals, np.int64).reshape(-1)
-    if len(corner_verts) != int(loop_totals.sum()) or (loop_totals < 3).any():
-        raise ValueError("the polygons do not match their loops")
-    if len(corner_verts) and (corner_verts.min() < 0 or corner_verts.max() >= len(vertices)):
-        raise ValueError("a loop names a vertex that does not exist")
+    check_polygons(vertices, corner_verts, loop_totals, None if uvs is None else np.asarray(uvs).reshape(-1, 2))
     stats = {"polygons": int(len(loop_totals)), "uvs": "given" if uvs is not None else "made"}
     if uvs is None:
         stages.begin(Stage.UNWRAP, f"UV atlas for {len(loop_totals):,} polygons")

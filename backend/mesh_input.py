@@ -135,8 +135,9 @@ def check_polygons(vertices, corner_verts, loop_totals, uvs=None) -> None:
                              hint=_HINT)
         bad = int(np.count_nonzero(~np.isfinite(uvs)))
         if bad:
-            raise InputError(f"{_not_finite(bad, 'UV coordinate')} (inf or NaN)", hint="Check the object's UV map in the UV Editor, or remove it to "
-                                                  "let Bake from Model make one.")
+            raise InputError(f"{_not_finite(bad, 'UV coordinate')} (inf or NaN)",
+                             hint="Check the object's UV map in the UV Editor, or remove it to let Bake from Model "
+                                  "make one.")
 
 
 def _not_finite(count: int, what: str) -> str:

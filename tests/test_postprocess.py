@@ -139,9 +139,9 @@ def test_quads_fall_back_to_triangles_and_say_so(monkeypatch):
 def test_quad_check_refuses_a_result_that_is_not_quads():
     tris = np.array([[0, 1, 2, -1]] * 8 + [[0, 1, 2, 3]] * 2)
     with pytest.raises(quads_module.QuadsFailed, match="20% of"):
-        quads_module.check(tris, 100)
+        quads_module.check_quads(tris, 100)
     with pytest.raises(quads_module.QuadsFailed, match="10 faces from 10"):
-        quads_module.check(np.array([[0, 1, 2, 3]] * 10), 10)
+        quads_module.check_quads(np.array([[0, 1, 2, 3]] * 10), 10)
 
 
 @pytest.mark.parametrize("extra", [{}, {"quads": True}], ids=["triangles", "quads"])

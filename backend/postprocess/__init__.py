@@ -30,7 +30,7 @@ def run(mesh: Mesh, colour_field, options, stages) -> Mesh:
 
         stages.begin(Stage.REDUCE, f"quad remeshing to about {target:,} faces")
         try:
-            vertices, faces = quad_remesh(vertices, faces, target)
+            vertices, faces = quad_remesh(vertices, faces, target, stages.check)
             quads = True
         except QuadsFailed as e:
             notes.append(f"quad remeshing failed ({e}): reduced to triangles instead")
@@ -41,7 +41,7 @@ def run(mesh: Mesh, colour_field, options, stages) -> Mesh:
             from .reduce import reduce
 
             stages.begin(Stage.REDUCE, f"{len(faces):,} -> {target:,} faces")
-            vertices, faces = reduce(vertices, faces, target)
+            vertices, faces = reduce(vertices, faces, target, stages.check)
     if vertices is not mesh.vertices:
         stages.update(0.9, "colouring the new vertices from the field")
         colors = colour_field(vertices)
@@ -64,7 +64,7 @@ def texture_for(vertices, faces, colour_field, size: int, stages):
     from .atlas import unwrap_faces
 
     stages.begin(Stage.UNWRAP, f"UV atlas for {len(faces):,} faces")
-    faces, uvs, _, split = unwrap_faces(vertices, faces, size)
+    faces, uvs, _, split = unwrap_faces(vertices, faces, size, stages.check)
     tris, tri_uvs = triangulate(faces, uvs)
     return faces, uvs, _bake(vertices, tris, tri_uvs, size, colour_field, stages), split
 
@@ -82,7 +82,7 @@ def bake_polygons(vertices, corner_verts, loop_totals, uvs, colour_field, size: 
     stats = {"polygons": int(len(loop_totals)), "uvs": "given" if uvs is not None else "made"}
     if uvs is None:
         stages.begin(Stage.UNWRAP, f"UV atlas for {len(loop_totals):,} polygons")
-        uvs, stats["polygons_apart"], broken, _ = unwrap(vertices, corner_verts, loop_totals, size)
+        uvs, stats["polygons_apart"], broken, _ = unwrap(vertices, corner_verts, loop_totals, size, stages.check)
         if broken.any():  # the artist's polygons are theirs: no splitting here
             raise InputError(f"the UV atlas cuts {int(broken.sum()):,} of the object's polygons in two",
                              hint="Unwrap the object in Blender (UV › Unwrap or Smart UV Project), then Bake from "

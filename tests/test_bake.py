@@ -4,6 +4,9 @@ The checks are independent of the implementation: a bilinear texture lookup writ
 sampling points densely inside each triangle, nearest triangles found by brute force over all triangles.
 """
 
+import threading
+import time
+
 import numpy as np
 import pytest
 
@@ -334,6 +337,16 @@ def test_gutter_rings_average_covered_neighbours():
     assert tuple(out[2, 2]) == (100, 0, 0)
 
 
+def test_rings_computed_in_chunks_give_the_same_bytes(monkeypatch):
+    """Each ring is computed from the state before it, however many chunks it takes."""
+    rng = np.random.default_rng(4)
+    mask = rng.random((96, 96)) < 0.03
+    texture = rng.integers(0, 256, (96, 96, 3)).astype(np.uint8)
+    whole = bk.dilate(texture, mask, 6)
+    monkeypatch.setattr(bk, "RING_CHUNK", 7)
+    np.testing.assert_array_equal(bk.dilate(texture, mask, 6), whole)
+
+
 def test_mip_levels_show_no_seams(sphere):
     """Box-filtered mip levels looked up bilinearly stay close to the field, even near chart borders: the
     gutters carry the charts' colours. With black gutters the same lookups are far off (the check can fail).
@@ -395,3 +408,60 @@ def test_progress_is_reported_and_cancel_propagates(sphere):
     with pytest.raises(Cancelled):  # a cancel while rasterising stops before any colour query
         bk.bake(v, f, tri_uvs, 128, colour, on_fraction=cancel_at_once)
     assert not calls
+
+
+def whole_square_triangles(count, seed=0):
+    """Triangles whose UV images each cover the whole square (and more): every texel under every one."""
+    rng = np.random.default_rng(seed)
+    base = np.array([[-0.05, -0.05], [2.2, -0.05], [-0.05, 2.2]])
+    tri_uvs = (base + rng.uniform(-0.04, 0.04, (count, 3, 2))).astype(np.float32)
+    return rng.random((3 * count, 3)).astype(np.float32), np.arange(3 * count).reshape(count, 3), tri_uvs
+
+
+def test_a_cancel_lands_within_a_second_while_rasterising_huge_triangles():
+    """150 triangles over the whole square at 4096²: 2.5 billion (triangle, texel) candidates. Before, the
+    first cancel check came after the whole first stage (26 s)."""
+    v, f, tri_uvs = whole_square_triangles(150)
+    asked = []
+
+    def on_fraction(fraction):
+        if asked:
+            raise Cancelled
+
+    timer = threading.Timer(0.5, lambda: asked.append(time.monotonic()))
+    timer.start()
+    try:
+        with pytest.raises(Cancelled):
+            bk.bake(v, f, tri_uvs, 4096, colour_of, on_fraction=on_fraction)
+    finally:
+        timer.cancel()
+    assert asked and time.monotonic() - asked[0] < 1.0
+
+
+def test_no_step_of_a_large_bake_goes_a_second_without_a_cancel_check():
+    """A whole-square triangle at 4096²: every step of bake() (both rasterising stages, the surface points,
+    the colours, the fill) is a second or more long on a busy machine; the progress calls (where a cancel
+    is raised) come a fraction of a second apart all through, up to the return."""
+    v, f, tri_uvs = whole_square_triangles(1)
+    times, fractions = [time.monotonic()], []
+
+    def on_fraction(fraction):
+        times.append(time.monotonic())
+        fractions.append(fraction)
+
+    bk.bake(v, f, tri_uvs, 4096, lambda p: np.full((len(p), 3), 0.5), on_fraction=on_fraction)
+    times.append(time.monotonic())
+    gaps = np.diff(times)
+    assert gaps.max() < 1.0, f"{gaps.max():.2f} s without a check, after fraction {fractions[gaps.argmax() - 1]}"
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+
+
+def test_the_gutter_fill_checks_for_a_cancel_all_along():
+    """A sparse mask at 2048²: rings of millions of texels and a full push-pull pyramid."""
+    rng = np.random.default_rng(0)
+    mask = rng.random((2048, 2048)) < 0.05
+    texture = rng.integers(0, 256, (2048, 2048, 3)).astype(np.uint8)
+    times = [time.monotonic()]
+    bk.dilate(texture, mask, 8, check=lambda: times.append(time.monotonic()))
+    times.append(time.monotonic())
+    assert np.diff(times).max() < 1.0 and len(times) > 10

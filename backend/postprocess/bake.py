@@ -29,8 +29,10 @@ BILINEAR_REACH = 1.0
 CHUNK = 1 << 19
 # Points handed to colour_fn at once.
 COLOUR_CHUNK = 1 << 18
-# Share of bake()'s progress given to rasterising; colour queries (the field) take the rest.
-RASTER_SHARE = 0.05
+# Shares of bake()'s progress: rasterising, then colour queries (the field), then the gutter fill.
+RASTER_SHARE, FILL_SHARE = 0.05, 0.03
+# Gutter texels (each averaging 8 neighbours) computed at once: a cancel check between such chunks.
+RING_CHUNK = 1 << 18
 # A UV triangle is degenerate (a segment or a point) when its doubled area is below this fraction of its
 # longest edge squared: it has no inside, but it may still claim the texels along it.
 DEGENERATE = 1e-9
@@ -98,6 +100,14 @@ class _UVLayout:
             for span, dx in _runs(np.maximum(col1 - col0 + 1, 0), CHUNK):
                 yield tri[span], row[span], col0[span] + dx
 
+    def footprint_bound(self, tris: np.ndarray, reach: float) -> int:
+        """At least as many (triangle, texel) pairs as :meth:`footprint` yields: each triangle's bounding box
+        of texels, clipped to the texture (progress is the share of this done)."""
+        p = self.pts[tris]
+        lo = np.clip(np.ceil(p.min(axis=1) - reach - 0.5 - _EPS), 0, self.size)
+        hi = np.clip(np.floor(p.max(axis=1) + reach - 0.5 + _EPS), -1, self.size - 1)
+        return int(np.maximum(hi - lo + 1, 0).prod(axis=1).sum())
+
     def _band_extent(self, tri, y0, y1):
         """x extent of each triangle's part within y0 <= y <= y1 (+inf, -inf where there is none): the
         extremes over its corners inside the band and its edges' crossings of the band's two lines."""
@@ -153,7 +163,8 @@ def texel_samples(vertices, triangles, tri_uvs, size: int, *, reach: float = BIL
     """The texels a UV-mapped triangle mesh covers in a ``size`` x ``size`` texture and the surface point
     baked into each. A texel is covered when the square of half-width ``reach`` around its centre meets a
     triangle's UV image; of the triangles that claim it, one containing its centre wins, else the nearest.
-    ``on_fraction(f)`` is called between stages and may raise to cancel."""
+    ``on_fraction(f)`` is called after every chunk of work (bounded by texel count, so a fraction of a second
+    apart however large the triangles) and may raise to cancel."""
     size = int(size)
     if size <= 0:
         raise ValueError("the texture size must be positive")
@@ -168,14 +179,20 @@ def texel_samples(vertices, triangles, tri_uvs, size: int, *, reach: float = BIL
     # Each texel keeps its best claim as one int64, (float32 distance bits, triangle): non-negative
     # float32 bits order like the floats, so the smallest key is the nearest triangle (lowest index on ties).
     best = np.full(size * size, _UNCLAIMED, dtype=np.int64)
+    report(0.0)
     solid = np.flatnonzero(layout.finite & ~layout.degenerate)
+    share = _Share(report, 0.0, 0.4, layout.footprint_bound(solid, 0.0))
     for tri, row, col in layout.footprint(solid, 0.0):
         np.minimum.at(best, row * size + col, tri)
+        share.add(len(tri))
     settled = best != _UNCLAIMED  # centre inside a triangle: distance 0, nothing can beat it
     report(0.4)
 
     if reach > 0 or layout.degenerate.any():
-        for tri, row, col in layout.footprint(np.flatnonzero(layout.finite), reach):
+        near = np.flatnonzero(layout.finite)
+        share = _Share(report, 0.4, 0.7, layout.footprint_bound(near, reach))
+        for tri, row, col in layout.footprint(near, reach):
+            share.add(len(tri))
             texel = row * size + col
             keep = np.flatnonzero(~settled[texel])
             if not len(keep):
@@ -186,12 +203,26 @@ def texel_samples(vertices, triangles, tri_uvs, size: int, *, reach: float = BIL
             np.minimum.at(best, texel, (bits << 32) | tri)
     report(0.7)
 
+    # The claimed texels in row-major order, their winners and whether their centre is inside: gathered a
+    # band of texels at a time (gathers over a 4096² texture take seconds in all).
+    claimed = best != _UNCLAIMED
+    count = int(np.count_nonzero(claimed))
+    flat, winner, inside = np.empty(count, np.int64), np.empty(count, np.int32), np.empty(count, bool)
+    rows, cols = np.empty(count, np.int32), np.empty(count, np.int32)
+    band, done = CHUNK, 0
+    for start in range(0, size * size, band):
+        here = np.flatnonzero(claimed[start:start + band])
+        into = slice(done, done + len(here))
+        flat[into] = here + start
+        winner[into] = (best[start:start + band][here] & 0xFFFFFFFF).astype(np.int32)
+        inside[into] = settled[start:start + band][here]
+        rows[into], cols[into] = flat[into] // size, flat[into] % size
+        done += len(here)
+        report(0.7 + 0.05 * min(start + band, size * size) / (size * size))
+    del best, settled
+
     # The winners' surface points: a centre inside its triangle maps through the triangle's affine map;
     # one outside takes the closest point of the triangle's boundary.
-    flat = np.flatnonzero(best != _UNCLAIMED)
-    winner = (best[flat] & 0xFFFFFFFF).astype(np.int32)
-    inside = settled[flat]
-    del best, settled
     maps = layout.surface_maps(vertices[triangles])
     positions = np.empty((len(flat), 3), dtype=np.float32)
     for start in range(0, len(flat), CHUNK):
@@ -205,17 +236,21 @@ def texel_samples(vertices, triangles, tri_uvs, size: int, *, reach: float = BIL
         bary, _ = layout.closest_on_edges(tri[edge], x[edge], y[edge])
         out[edge] = np.einsum("nk,nkd->nd", bary, vertices[triangles[tri[edge]]])
         positions[part] = out
+        report(0.75 + 0.25 * min(start + CHUNK, len(flat)) / len(flat))
     report(1.0)
+    return TexelSamples(rows=rows, cols=cols, positions=positions, triangle=winner,
+                        mask=claimed.reshape(size, size))
 
-    mask = np.zeros(size * size, dtype=bool)
-    mask[flat] = True
-    return TexelSamples(
-        rows=(flat // size).astype(np.int32),
-        cols=(flat % size).astype(np.int32),
-        positions=positions,
-        triangle=winner,
-        mask=mask.reshape(size, size),
-    )
+
+class _Share:
+    """Progress through one stage, from ``start`` to ``stop``, as the share of ``total`` items done."""
+
+    def __init__(self, report, start: float, stop: float, total: int):
+        self.report, self.start, self.stop, self.total, self.done = report, start, stop, max(int(total), 1), 0
+
+    def add(self, count: int) -> None:
+        self.done += int(count)
+        self.report(self.start + (self.stop - self.start) * min(self.done / self.total, 1.0))
 
 
 def default_padding(size: int) -> int:
@@ -227,10 +262,13 @@ def default_padding(size: int) -> int:
 _NEIGHBOURS = [(dr, dc) for dr in (-1, 0, 1) for dc in (-1, 0, 1) if dr or dc]
 
 
-def dilate(texture: np.ndarray, mask: np.ndarray, passes: int) -> np.ndarray:
+def dilate(texture: np.ndarray, mask: np.ndarray, passes: int, check: Optional[Callable[[], None]] = None
+           ) -> np.ndarray:
     """Fill the texels outside ``mask``: ``passes`` rings of averages of their covered 8-neighbours, then
     every texel still empty from a push-pull over a mip pyramid. Texels under ``mask`` keep their values.
-    Returns a new texture of the same dtype (bytes are rounded)."""
+    Returns a new texture of the same dtype (bytes are rounded). ``check()`` is called between steps of a
+    fraction of a second and may raise to cancel."""
+    check = check or (lambda: None)
     texture = np.asarray(texture)
     mask = np.asarray(mask, dtype=bool)
     height, width = mask.shape
@@ -240,22 +278,27 @@ def dilate(texture: np.ndarray, mask: np.ndarray, passes: int) -> np.ndarray:
     padded = np.zeros((height + 2, width + 2, source.shape[2]), dtype=np.float32)
     colour = padded[1:-1, 1:-1]
     colour[...] = source
+    check()
     colour[~mask] = 0.0
-    filled = _grow_rings(padded, mask, int(passes))
-    _push_pull(colour, filled)
+    check()
+    filled = _grow_rings(padded, mask, int(passes), check)
+    _push_pull(colour, filled, check)
     if np.issubdtype(texture.dtype, np.integer):
         info = np.iinfo(texture.dtype)
         np.clip(np.rint(colour, out=colour), info.min, info.max, out=colour)
+        check()
     out = colour.astype(texture.dtype)
-    out[mask] = source[mask]  # exact, whatever the float round trip did
+    check()
+    # Exact, whatever the float round trip did (a where= of the image's own shape: a broadcast one is slow).
+    np.copyto(out, source, where=np.repeat(mask[..., None], source.shape[2], axis=2))
     return out.reshape(texture.shape)
 
 
-def _grow_rings(padded: np.ndarray, mask: np.ndarray, passes: int) -> np.ndarray:
+def _grow_rings(padded: np.ndarray, mask: np.ndarray, passes: int, check=lambda: None) -> np.ndarray:
     """``passes`` rings of gutter, in place in ``padded`` (the image with a one-texel border, 0 where
     empty): each empty texel touching a filled one (8-neighbourhood) takes the mean of those neighbours; a
     ring is computed from the previous state only. Works on the frontier, so the cost follows the gutter,
-    not the image. Returns the filled texels."""
+    not the image; a ring is computed :data:`RING_CHUNK` texels at a time. Returns the filled texels."""
     height, width = mask.shape
     if passes <= 0 or not mask.any() or mask.all():
         return mask
@@ -277,15 +320,23 @@ def _grow_rings(padded: np.ndarray, mask: np.ndarray, passes: int) -> np.ndarray
     for _ in range(passes):
         if not len(frontier):
             break
-        around = frontier[:, None] + steps  # (n, 8)
-        count = np.count_nonzero(flat_filled[around], axis=1)
-        flat_colour[frontier] = flat_colour[around].sum(axis=1) / count[:, None]
+        ring = np.empty((len(frontier), flat_colour.shape[1]), dtype=flat_colour.dtype)
+        for start in range(0, len(frontier), RING_CHUNK):  # every value from the state before the ring
+            around = frontier[start:start + RING_CHUNK, None] + steps  # (n, 8)
+            count = np.count_nonzero(flat_filled[around], axis=1)
+            ring[start:start + len(around)] = flat_colour[around].sum(axis=1) / count[:, None]
+            check()
+        flat_colour[frontier] = ring
         flat_filled[frontier] = True
-        nxt = around.ravel()
-        nxt = nxt[~flat_filled[nxt] & inner[nxt]]
-        queued[nxt] = True  # deduplicates without sorting
+        del ring
+        for start in range(0, len(frontier), RING_CHUNK):
+            nxt = (frontier[start:start + RING_CHUNK, None] + steps).ravel()
+            nxt = nxt[~flat_filled[nxt] & inner[nxt]]
+            queued[nxt] = True  # deduplicates without sorting
+            check()
         frontier = np.flatnonzero(queued)
         queued[frontier] = False
+        check()
     return full[1:-1, 1:-1]
 
 
@@ -300,7 +351,7 @@ def _halve(image: np.ndarray) -> np.ndarray:
     return out
 
 
-def _push_pull(colour: np.ndarray, filled: np.ndarray) -> None:
+def _push_pull(colour: np.ndarray, filled: np.ndarray, check=lambda: None) -> None:
     """Fill every texel outside ``filled``, in place (``colour`` is 0 there): average the filled texels down
     a pyramid of 2x2 blocks (pull), then give each empty texel its parent's colour, coarsest level first
     (push). Far from any chart the fill is the mean of a wide neighbourhood, so coarse mip levels stay
@@ -308,6 +359,7 @@ def _push_pull(colour: np.ndarray, filled: np.ndarray) -> None:
     if filled.all() or not filled.any():
         return  # nothing to fill, or nothing to fill from (left at 0)
     levels = [(_halve(colour), _halve(filled.astype(np.float32)))]  # premultiplied colour, weight
+    check()
     while max(levels[-1][1].shape) > 1:
         premul, weight = levels[-1]
         levels.append((_halve(premul), _halve(weight)))
@@ -318,9 +370,12 @@ def _push_pull(colour: np.ndarray, filled: np.ndarray) -> None:
         parent = fill.repeat(2, axis=0).repeat(2, axis=1)[:h, :w]
         mean = premul / np.maximum(weight, 1e-30)[..., None]
         fill = np.where((weight > 0)[..., None], mean, parent)
-    # The finest level: only the empty texels change.
-    rows, cols = np.nonzero(~filled)
-    colour[rows, cols] = fill[rows // 2, cols // 2]
+        check()
+    # The finest level: only the empty texels change, each to its parent's colour.
+    h, w = filled.shape
+    parent = fill.repeat(2, axis=0).repeat(2, axis=1)[:h, :w]
+    check()
+    np.copyto(colour, parent, where=np.repeat(~filled[..., None], colour.shape[2], axis=2))
 
 
 def bake(vertices, triangles, tri_uvs, size: int, colour_fn: Callable[[np.ndarray], np.ndarray],
@@ -328,9 +383,9 @@ def bake(vertices, triangles, tri_uvs, size: int, colour_fn: Callable[[np.ndarra
          reach: float = BILINEAR_REACH, chunk: int = COLOUR_CHUNK):
     """Bake ``colour_fn`` (points (K, 3) float32 -> sRGB (K, 3) in [0, 1]) into a ``size`` x ``size`` texture
     over the mesh's UV layout. Returns the texture (size, size, 3) uint8, gutters filled, and the mask of
-    the texels baked from the surface. ``on_fraction(f)`` is called between chunks and may raise to
-    cancel; nothing is returned then. ``padding`` is the number of averaged gutter rings (by default
-    :func:`default_padding`); beyond them every texel is filled by push-pull."""
+    the texels baked from the surface. ``on_fraction(f)`` is called between chunks (a fraction of a second
+    apart) and may raise to cancel; nothing is returned then. ``padding`` is the number of averaged gutter
+    rings (by default :func:`default_padding`); beyond them every texel is filled by push-pull."""
     size = int(size)
     padding = default_padding(size) if padding is None else int(padding)
     report = on_fraction or (lambda f: None)
@@ -345,7 +400,9 @@ def bake(vertices, triangles, tri_uvs, size: int, colour_fn: Callable[[np.ndarra
         rgb = np.asarray(colour_fn(samples.positions[start:stop]), dtype=np.float32).reshape(stop - start, 3)
         rgb = np.nan_to_num(rgb, nan=0.0, posinf=1.0, neginf=0.0)
         texture[flat[start:stop]] = np.rint(np.clip(rgb, 0.0, 1.0) * 255.0).astype(np.uint8)
-        report(RASTER_SHARE + (1.0 - RASTER_SHARE) * stop / count)
+        report(RASTER_SHARE + (1.0 - RASTER_SHARE - FILL_SHARE) * stop / count)
     mask = samples.mask
     del samples, flat  # the surface points are the largest arrays: free them before the fill
-    return dilate(texture.reshape(size, size, 3), mask, padding), mask
+    texture = dilate(texture.reshape(size, size, 3), mask, padding, check=lambda: report(1.0 - FILL_SHARE))
+    report(1.0)
+    return texture, mask

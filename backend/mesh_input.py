@@ -17,10 +17,11 @@ import zipfile
 import numpy as np
 
 from .errors import InputError
+from .options import MAX_FACES
 
-# The largest face budget (pipeline.MAX_FACES): a mesh to bake on may have as many polygons, a quad mesh at
-# that count 4 loops each, and no more vertices than loops (a vertex no loop names is never baked).
-MAX_POLYGONS = 10_000_000
+# As many polygons as the largest face budget, 4 loops each (a quad mesh at that count), and no more vertices
+# than loops (a vertex no loop names is never baked).
+MAX_POLYGONS = MAX_FACES
 MAX_LOOPS = 4 * MAX_POLYGONS
 MAX_VERTICES = MAX_LOOPS
 # The models' meshes fill a box of about +-1 (the bake request's mesh is in that frame, the object's placement

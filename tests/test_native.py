@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 from backend import client as wire
-from backend import stages
+from backend import protocol
 from backend.errors import Cancelled
 from backend.postprocess import atlas, native, quads
 from backend.postprocess import reduce as reduce_module
@@ -194,25 +194,25 @@ def test_a_hung_native_step_fails_the_job_with_timeout_and_the_worker_lives_on(t
     worker = wire.Worker(sys.executable, ROOT, env=env, temp_dir=str(tmp_path / "jobs"))
     try:
         job = worker.submit(str(IMAGE), dict(BASE, faces=300))
-        assert worker.wait(120).state == wire.ERROR
+        assert worker.wait(120).state == protocol.ERROR
         assert job.error["code"] == "timeout" and "did not finish within 3 s" in job.error["message"], job.error
         assert job.error["hint"] and worker.running
         assert not psutil.Process(worker.pid).children(recursive=True), "the hung child outlived its job"
 
         # A cancel while the native step runs: the child is killed and the job ends within a second.
         job = worker.submit(str(IMAGE), dict(BASE, faces=300))
-        while job.stage != stages.REDUCE and not job.finished:
+        while job.stage != protocol.Stage.REDUCE and not job.finished:
             worker.poll()
             time.sleep(0.01)
         time.sleep(0.5)
         asked = time.monotonic()
         worker.cancel()
-        assert worker.wait(10).state == wire.CANCELLED
+        assert worker.wait(10).state == protocol.CANCELLED
         assert time.monotonic() - asked < 1.0
         assert not psutil.Process(worker.pid).children(recursive=True)
 
         pid = worker.pid
         worker.submit(str(IMAGE), BASE)
-        assert worker.wait(120).state == wire.DONE and worker.pid == pid
+        assert worker.wait(120).state == protocol.DONE and worker.pid == pid
     finally:
         worker.stop()

@@ -107,7 +107,7 @@ def _die_with_parent(parent: int) -> None:
 
 def main(folder: str) -> int:
     """The child: read the call, run it, write ``out.npz`` (or ``error.json``)."""
-    from ..mesh import atomic_output
+    from ..files import atomic_output
 
     folder = Path(folder)
     request = json.loads((folder / "call.json").read_text(encoding="utf-8"))

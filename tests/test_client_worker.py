@@ -232,7 +232,9 @@ def noisy_sphere(n: int) -> dict:
 
 def test_a_worker_stuck_in_a_native_call_exits_soon_after_its_client_goes_away(tmp_path):
     """#20 item 1: Blender gone while xatlas runs (a call that never checks cancel, and holds the GIL so that no
-    thread of the worker runs): its watcher process kills it after the grace, says so on stderr, and goes too."""
+    thread of the worker runs): its watcher process kills it after the grace, says so on stderr, and goes too.
+    xatlas runs in the worker itself here (tests/in_process_native), as native calls did before they got a child
+    process of their own (tests/test_native.py has the worker that ends at once)."""
     from backend.worker import CLIENT_GONE_EXIT_STATUS, CLIENT_GONE_GRACE_S
 
     np.savez(tmp_path / "mesh.npz", **noisy_sphere(120))
@@ -240,7 +242,9 @@ def test_a_worker_stuck_in_a_native_call_exits_soon_after_its_client_goes_away(t
                "output_dir": str(tmp_path), "options": dict(FAST, field_id="0" * 32, texture=1024)}
     log = tmp_path / "stderr.log"
     with open(log, "wb") as stderr:
-        process = subprocess.Popen([sys.executable, "-m", "backend", "serve"], cwd=ROOT, env=wire.default_env(ROOT),
+        in_process = ROOT / "tests" / "in_process_native"
+        env = dict(wire.default_env(ROOT), PYTHONPATH=os.pathsep.join([str(ROOT), str(in_process)]))
+        process = subprocess.Popen([sys.executable, "-m", "backend", "serve"], cwd=ROOT, env=env,
                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, text=True,
                                    start_new_session=True)
     try:

@@ -4,6 +4,7 @@ that lands within a second, and no child left behind."""
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -39,10 +40,23 @@ def sphere():
 
 
 def gone(pid: int) -> bool:
+    """Ended (a zombie not reaped yet counts: it runs nothing)."""
     try:
         return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return True
+
+
+def native_children(pid: int) -> list:
+    """The worker's children that run a native call (not its watcher, backend/orphan_guard.py)."""
+    found = []
+    for child in psutil.Process(pid).children(recursive=True):
+        try:
+            if "backend.postprocess.native" in child.cmdline():
+                found.append(child)
+        except psutil.NoSuchProcess:
+            pass
+    return found
 
 
 def wait_for_file(path: Path, timeout: float = 30) -> str:
@@ -197,7 +211,7 @@ def test_a_hung_native_step_fails_the_job_with_timeout_and_the_worker_lives_on(t
         assert worker.wait(120).state == protocol.ERROR
         assert job.error["code"] == "timeout" and "did not finish within 3 s" in job.error["message"], job.error
         assert job.error["hint"] and worker.running
-        assert not psutil.Process(worker.pid).children(recursive=True), "the hung child outlived its job"
+        assert not native_children(worker.pid), "the hung child outlived its job"
 
         # A cancel while the native step runs: the child is killed and the job ends within a second.
         job = worker.submit(str(IMAGE), dict(BASE, faces=300))
@@ -209,10 +223,48 @@ def test_a_hung_native_step_fails_the_job_with_timeout_and_the_worker_lives_on(t
         worker.cancel()
         assert worker.wait(10).state == protocol.CANCELLED
         assert time.monotonic() - asked < 1.0
-        assert not psutil.Process(worker.pid).children(recursive=True)
+        assert not native_children(worker.pid)
 
         pid = worker.pid
         worker.submit(str(IMAGE), BASE)
         assert worker.wait(120).state == protocol.DONE and worker.pid == pid
     finally:
         worker.stop()
+
+
+def test_a_worker_whose_client_goes_during_xatlas_ends_at_once(tmp_path):
+    """The client's going cancels the job; xatlas, in its child, is killed with it: the worker ends at once, its
+    own way (status 0), and leaves no process (before, xatlas held the worker's GIL until the watcher killed it)."""
+    from test_client_worker import group_alive, noisy_sphere
+
+    np.savez(tmp_path / "mesh.npz", **noisy_sphere(120))
+    request = {"op": "bake", "id": "gone", "image": str(IMAGE), "mesh": str(tmp_path / "mesh.npz"),
+               "output_dir": str(tmp_path), "options": dict(BASE, field_id="0" * 32, texture=1024)}
+    process = subprocess.Popen([sys.executable, "-m", "backend", "serve"], cwd=ROOT, env=wire.default_env(ROOT),
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                               start_new_session=True)
+    try:
+        assert json.loads(process.stdout.readline())["event"] == "ready"
+        process.stdin.write(json.dumps(request) + "\n")
+        process.stdin.flush()
+        while json.loads(process.stdout.readline()).get("stage") != protocol.Stage.UNWRAP:
+            pass
+        deadline = time.monotonic() + 30
+        while not native_children(process.pid):
+            assert time.monotonic() < deadline, "xatlas never started"
+            time.sleep(0.01)
+        child = native_children(process.pid)[0].pid
+        process.stdin.close()  # Blender crashed or quit
+        left = time.monotonic()
+        assert process.wait(10) == 0
+        assert time.monotonic() - left < 1.0
+        assert gone(child)
+        deadline = time.monotonic() + 2
+        while group_alive(process.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not group_alive(process.pid)
+    finally:
+        if group_alive(process.pid):
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        process.stdout.close()

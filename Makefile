@@ -111,3 +111,33 @@ demo: venv venv-bpy45
 
 clean:
 	rm -rf dist out .pytest_cache
+
+# The device check (scripts/device_check.py): on a GPU machine that has only a Python with torch and no network,
+#   make device-wheels            here, beforehand: the check's other requirements as wheels for that Python in
+#                                 .device-wheels/ (ignored; under 64 MB: no scipy (PyMCubes needs it), ray, onnxruntime, rembg, trimesh,
+#                                 post-processing), with shaped_triposr_ckpt.py and its two fixture files
+#   make device-check             there: installs them offline, runs the check, writes $(DEVICE_OUT)
+# DEVICE_PYTHON_VERSION/DEVICE_PLATFORM: that machine's Python and platform. Without a GPU the check runs the tiny
+# fixtures on the CPU (tests/test_device_check.py does so in CI).
+DEVICE_PYTHON ?= python3
+DEVICE_PYTHON_VERSION ?= 3.11
+DEVICE_PLATFORM ?= manylinux_2_28_x86_64
+DEVICE_OUT ?= $(if $(OUT),$(OUT),out/device-check)
+DEVICE_REQUIREMENTS := "numpy>=1.26,<3" "pillow>=10.1,<14" "PyYAML>=6.0,<7" "psutil>=5.9,<8" \
+    "safetensors>=0.4.3,<0.9" diffusers==0.42.1 transformers==5.23.0 "pytest>=8,<10"
+SHARED ?= ../shared
+.PHONY: device-wheels device-check
+
+device-wheels:
+	rm -rf .device-wheels && mkdir -p .device-wheels/shared/tools .device-wheels/shared/fixtures/triposr/official
+	$(if $(wildcard .venv/bin/python),.venv/bin/python,$(PYTHON)) -m pip download --quiet --only-binary=:all: --implementation cp --python-version $(DEVICE_PYTHON_VERSION) \
+	    --platform $(DEVICE_PLATFORM) --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
+	    -d .device-wheels $(DEVICE_REQUIREMENTS)
+	cp $(SHARED)/tools/shaped_triposr_ckpt.py .device-wheels/shared/tools/
+	cp $(SHARED)/fixtures/triposr/state_dict_manifest.json .device-wheels/shared/fixtures/triposr/
+	cp $(SHARED)/fixtures/triposr/official/config.semantic.yaml .device-wheels/shared/fixtures/triposr/official/
+	@du -sh .device-wheels; test $$(du -sm .device-wheels | cut -f1) -lt 64 || { echo ".device-wheels is 64 MB or more" >&2; exit 1; }
+
+device-check:
+	test ! -d .device-wheels || $(DEVICE_PYTHON) -m pip install --quiet --no-index --find-links .device-wheels $(DEVICE_REQUIREMENTS)
+	$(DEVICE_PYTHON) scripts/device_check.py --out $(DEVICE_OUT)

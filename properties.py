@@ -21,6 +21,12 @@ from .backend.options import DEFAULT_BAKE_SIZE
 from .preferences import DEVICE_ITEMS
 
 MODEL_ITEMS = tuple(catalog.model_items())
+# backend/devices.py's PRECISIONS, and what auto picks there.
+PRECISION_ITEMS = (("auto", "Auto", "Full precision on the CPU; on a GPU half precision (bf16 where the GPU has it, "
+                                    "else fp16)"),
+                   ("fp32", "Full (fp32)", "Full precision everywhere: the reference's numbers, slowest on a GPU"),
+                   ("fp16", "Half (fp16)", "Half precision for the networks (fast on every GPU)"),
+                   ("bf16", "Half (bf16)", "Brain-float half precision for the networks (recent GPUs)"))
 DEFAULT_MODEL = "triposr"
 CUSTOMIZABLE = ("resolution", "threshold", "foreground_ratio")
 VIEW_SETTINGS = ("steps", "guidance", "seed")
@@ -162,6 +168,9 @@ class ImageTo3DSettings(bpy.types.PropertyGroup):
                                                 "transparency need this)")
     device: EnumProperty(name="Device", items=(("DEFAULT", "Preferences", "The device set in the preferences"),)
                          + DEVICE_ITEMS, default="DEFAULT")
+    precision: EnumProperty(name="Precision", items=PRECISION_ITEMS, default="auto",
+                            description="Number precision of the model's networks: half precision is faster on a "
+                                        "GPU; the surface is always computed in full precision")
     # Output. Defaults for a first run: the mesh as the model extracted it, vertex colours, no texture. That
     # is the quickest result and the one with the fewest steps that can fall back (on a CPU an unwrap and a
     # bake add tens of seconds), and at the extracted density the vertex colours already carry the image's

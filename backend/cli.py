@@ -83,6 +83,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="do not run background removal (an opaque image is used as given)")
     g.add_argument("--u2net", metavar="FILE", help="background-removal model file (default ~/.u2net/u2net.onnx)")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
+    g.add_argument("--precision", default="auto",
+                   help="auto, fp32, fp16 or bf16: the precision of the transformers and the diffusion U-Net "
+                        "(default auto: fp32 on the CPU, bf16 on CUDA where the GPU has it, else fp16; fp16 on "
+                        "MPS); what the surface depends on stays fp32")
     g.add_argument("--offline", action="store_true",
                    help="never connect (as download --offline): missing files are named, with where to put them")
     g.add_argument("--json", action="store_true",
@@ -230,8 +234,8 @@ def _options(args):
 
     return Options(model=args.model, weights=args.weights, resolution=args.resolution, threshold=args.threshold,
                    foreground_ratio=args.foreground_ratio, remove_background=args.remove_background,
-                   device=args.device, u2net_path=args.u2net, source_size=args.source_size, views=args.views,
-                   save_views=args.save_views, steps=args.steps, guidance=args.guidance, seed=args.seed,
+                   device=args.device, precision=args.precision, u2net_path=args.u2net,
+                   source_size=args.source_size, views=args.views, save_views=args.save_views, steps=args.steps, guidance=args.guidance, seed=args.seed,
                    faces=args.faces, quads=args.quads, texture=args.texture, dense=args.dense)
 
 

@@ -30,3 +30,44 @@ def resolve(name: str = "auto"):
 def _mps_available(torch) -> bool:
     backend = getattr(torch.backends, "mps", None)
     return bool(backend and backend.is_available())
+
+
+# Precision of the heavy networks (the transformers, the diffusion U-Net). ``auto``: fp32 on the CPU (half is
+# no faster there), bf16 on CUDA where the GPU has it (fp32's range: no overflow), else fp16, fp16 on MPS.
+# What the mesh is sensitive to stays fp32 in every model whatever is asked (see each model's ``precision``).
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+
+
+def resolve_precision(name: str, device, half: str | None = None):
+    """``name`` (one of PRECISIONS) on ``device`` -> a torch dtype. ``half``: the half type a model prefers on
+    CUDA under ``auto`` (Zero123++ runs fp16 there, as its reference does); None = bf16 where supported."""
+    import torch
+
+    name = (name or "auto").lower()
+    if name not in PRECISIONS:
+        raise InputError(f"unknown precision {name!r}; use {', '.join(PRECISIONS)}")
+    device = torch.device(device)
+    if name == "auto":
+        if device.type == "cuda":
+            name = half or ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
+        else:
+            name = "fp16" if device.type == "mps" else "fp32"
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+
+
+def precision_name(dtype) -> str:
+    import torch
+
+    return {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+
+
+def autocast(device, dtype):
+    """Autocast to ``dtype`` on ``device`` for a block (weights stay fp32, so a cached model serves every
+    precision); fp32 is no context at all, so its output is exactly what it was without this option."""
+    import contextlib
+
+    import torch
+
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype)

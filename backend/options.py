@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Optional
 
 from .errors import InputError
+from .devices import PRECISIONS
 from .protocol import FIELD_ID
 
 MIN_RESOLUTION, MAX_RESOLUTION = 32, 1024
@@ -36,6 +37,9 @@ class Options:
     foreground_ratio: Optional[float] = None  # None = the model's (TripoSR 0.85, OpenLRM 0.8)
     remove_background: bool = True
     device: str = "auto"
+    # Precision of the transformers and the diffusion U-Net: auto, fp32, fp16 or bf16 (backend/devices.py says
+    # what auto picks per device; each model keeps in fp32 what its mesh is sensitive to).
+    precision: str = "auto"
     u2net_path: Optional[str] = None  # background-removal model file; None = default location
     source_size: Optional[int] = None  # encoder input side in pixels; None = the model's (multiple of its patch)
     accept_licence: bool = False  # accept (and remember) a restrictive weights licence, e.g. CC BY-NC
@@ -67,6 +71,8 @@ class Options:
             raise InputError(f"threshold must be positive, got {self.threshold}")
         if self.device not in ("auto", "cpu", "cuda", "mps") and not str(self.device).startswith("cuda:"):
             raise InputError(f"unknown device {self.device!r}; use auto, cpu, cuda or mps")
+        if self.precision not in PRECISIONS:
+            raise InputError(f"unknown precision {self.precision!r}; use {', '.join(PRECISIONS)}")
         if self.steps is not None and not 1 <= int(self.steps) <= MAX_STEPS:
             raise InputError(f"steps must be between 1 and {MAX_STEPS}, got {self.steps}")
         if self.guidance is not None and not 1.0 <= float(self.guidance) <= MAX_GUIDANCE:

@@ -158,7 +158,7 @@ def _field_from_image(image_path: Path, spec, options: Options, device, stages: 
         planes, used = model.make_planes(conditioning, options, stages)
         return model, planes, used, options
 
-    model.load_views_model()
+    model.load_views_model(options.precision)
     options = replace(options, steps=options.steps or DEFAULT_STEPS, seed=DEFAULT_SEED if options.seed is None
                       else options.seed, guidance=DEFAULT_GUIDANCE if options.guidance is None else options.guidance)
     stages.begin(Stage.VIEWS, f"{options.steps} diffusion steps")

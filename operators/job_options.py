@@ -36,6 +36,7 @@ def job_options(settings, prefs) -> dict:
         else None,
         "remove_background": bool(settings.remove_background),
         "device": device,
+        "precision": settings.precision,
     }
     if catalog.uses_threshold(settings.model):
         options["threshold"] = round(float(settings.threshold), 6) if settings.use_custom_threshold else None
@@ -59,6 +60,7 @@ def stored_job_options(stored: dict, context) -> dict:
     options = {name: stored[name] for name in FIELD_SETTINGS if name in stored}
     options["weights"] = model_folder(prefs.weights_dir if prefs else "", options.get("model", ""))
     options["device"] = job_device(settings, prefs)
+    options["precision"] = settings.precision  # like the device: this machine's choice now
     if stored.get("field_id"):
         options["field_id"] = str(stored["field_id"])
     return options

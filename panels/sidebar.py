@@ -238,13 +238,16 @@ class IMAGE_TO_3D_PT_advanced(SidebarTab, bpy.types.Panel):
     @classmethod
     def poll(cls, context):
         settings = getattr(context.scene, "image_to_3d", None)
-        return settings is not None and not catalog.draws_views(settings.model)  # no source size to set
+        return settings is not None
 
     def draw(self, context):
         layout = self.layout
         settings = getattr(context.scene, "image_to_3d", None)
         if settings is None:
             return
+        layout.prop(settings, "precision")
+        if catalog.draws_views(settings.model):
+            return  # the views have a fixed size: no source size to set
         layout.prop(settings, "source_size")
         values = properties.effective(settings)
         layout.label(text=f"Encoder input: {values['source_size']} px" if not settings.source_size

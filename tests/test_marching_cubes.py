@@ -2,7 +2,6 @@
 vertices bit for bit, the same triangles in the same order with the same winding, on every cell case, on
 random fields (with values exactly at the level) and on the slabs and blocks the surface is cut into."""
 
-import mcubes
 import numpy as np
 import pytest
 import torch
@@ -12,6 +11,8 @@ from backend import surface
 
 
 def _pymcubes(values: np.ndarray):
+    import mcubes  # here: the device check runs the CUDA test below where PyMCubes (it needs scipy) is not installed
+
     v, f = mcubes.marching_cubes(values, 0.0)
     return v, f.astype(np.int64)
 

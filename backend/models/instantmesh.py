@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import devices
 from ..errors import InputError, WeightsError
 from ..field import ColourField
 from ..mesh import Mesh, truncate_to_bytes
@@ -240,10 +241,16 @@ class SparseViewLRM(nn.Module):
 
     def planes_from_views(self, grid, options, stages) -> tuple[torch.Tensor, dict]:
         """Stage 2's field from the 960×640 grid of six views (path, PIL image or uint8 array)."""
-        stages.begin(Stage.ENCODE, "encoding the views")
-        feats = self.encode(views_from_grid(grid), input_cameras(), stages.check)
-        stages.begin(Stage.TRIPLANE, "building triplanes")
-        return self.triplanes(feats, stages.check), {"views": GRID_ROWS * GRID_COLS}
+        views = views_from_grid(grid)
+        dtype = devices.resolve_precision(getattr(options, "precision", "auto"), self.device)
+        # Half precision (autocast) for the camera-modulated ViT and the triplane transformer; planes back in
+        # fp32, and the SDF/deformation/weight heads and FlexiCubes in fp32 (the SDF's sign decides the surface).
+        with devices.autocast(self.device, dtype):
+            stages.begin(Stage.ENCODE, "encoding the views")
+            feats = self.encode(views, input_cameras(), stages.check)
+            stages.begin(Stage.TRIPLANE, "building triplanes")
+            planes = self.triplanes(feats, stages.check)
+        return planes.float(), {"views": GRID_ROWS * GRID_COLS, "precision": devices.precision_name(dtype)}
 
     def reconstruct_views(self, grid, options, stages) -> Mesh:
         planes, used = self.planes_from_views(grid, options, stages)

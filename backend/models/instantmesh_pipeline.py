@@ -13,11 +13,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .. import devices
 from ..errors import WeightsError
 from . import instantmesh
 
 BUNDLED_CONFIGS = Path(__file__).parent / "configs"
 UNET_FILE = "diffusion_pytorch_model.bin"
+# The half type of Zero123++ under ``auto`` on CUDA: fp16, as the reference runs it (measured: PRECISION below).
+VIEWS_HALF = "fp16"
 
 
 def config_path(folder: Path, size: str, variant: str = "mesh") -> Path:
@@ -40,19 +43,21 @@ class InstantMeshPipeline:
         self.lrm = instantmesh.load(config_path(self.folder, size, variant), self.device, weights=checkpoint)
         self.views_model = None
 
-    def load_views_model(self):
-        """Zero123++ with InstantMesh's UNet; half precision on CUDA as the reference runs it."""
-        if self.views_model is None:
+    def load_views_model(self, precision: str = "auto"):
+        """Zero123++ with InstantMesh's UNet, its weights in ``precision`` (backend/devices.py); loaded again when
+        another precision is asked (a cast to half and back would not give fp32's weights)."""
+        dtype = devices.resolve_precision(precision, self.device, half=VIEWS_HALF)
+        if self.views_model is None or self.views_model.dtype != dtype:
             from .zero123pp import Zero123PlusPlus
 
-            dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+            self.views_model = None  # the old one's memory goes before the new one is read
             self.views_model = Zero123PlusPlus.from_folder(self.folder, self.folder / UNET_FILE, self.device, dtype)
         return self.views_model
 
     def generate_views(self, image: np.ndarray, options, stages) -> np.ndarray:
         """The prepared image (RGBA or RGB uint8) -> the (960, 640, 3) uint8 grid of six views."""
-        return self.load_views_model().generate(image, steps=options.steps, guidance=options.guidance,
-                                                seed=options.seed, stages=stages)
+        return self.load_views_model(getattr(options, "precision", "auto")).generate(
+            image, steps=options.steps, guidance=options.guidance, seed=options.seed, stages=stages)
 
     def planes_from_views(self, grid, options, stages):
         return self.lrm.planes_from_views(grid, options, stages)

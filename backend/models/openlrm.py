@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import surface
+from .. import devices, surface
 from ..errors import WeightsError
 from ..field import ColourField
 from .single_image import SingleImageModel
@@ -174,11 +174,17 @@ class OpenLRM(SingleImageModel, nn.Module):
         if size is None:
             raise ValueError("no source size: set options.source_size or load the model with a default")
         size = check_source_size(int(size), self.patch_size)
-        stages.begin(Stage.ENCODE, "encoding the image")
-        features = self.encode(preprocess.to_openlrm_input(conditioning, size), stages.check)
-        stages.begin(Stage.TRIPLANE, "building triplanes")
-        camera = self.embed_camera(source_camera())
-        return self.upsample(self.transform(features, camera, stages.check))[0], {"source_size": size}
+        image = preprocess.to_openlrm_input(conditioning, size)
+        dtype = devices.resolve_precision(getattr(options, "precision", "auto"), self.device)
+        # Half precision (autocast) for DINOv2, the camera-modulated transformer and the upsampler; planes back in
+        # fp32, the decoder and the surface in fp32 (PRECISION_NOTE in triposr.py: the same measurements).
+        with devices.autocast(self.device, dtype):
+            stages.begin(Stage.ENCODE, "encoding the image")
+            features = self.encode(image, stages.check)
+            stages.begin(Stage.TRIPLANE, "building triplanes")
+            camera = self.embed_camera(source_camera())
+            planes = self.upsample(self.transform(features, camera, stages.check))[0]
+        return planes.float(), {"source_size": size, "precision": devices.precision_name(dtype)}
 
     def mesh_from(self, planes: torch.Tensor, options, stages) -> Mesh:
         vertices, faces, colors = surface.colored_surface(self.field(planes), int(options.resolution),

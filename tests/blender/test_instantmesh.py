@@ -69,7 +69,8 @@ def test_the_panel_offers_instantmesh_with_its_own_settings(settings):
     for name in ("'steps'", "'guidance'", "'seed'", "'resolution'", "'foreground_ratio'"):
         assert name in text
     assert "'threshold'" not in text
-    assert not bpy.types.IMAGE_TO_3D_PT_advanced.poll(bpy.context), "no source size to set"
+    advanced = panel_text("IMAGE_TO_3D_PT_advanced")  # the precision, but no source size to set
+    assert "'precision'" in advanced and "'source_size'" not in advanced
     assert "tens of seconds" in text  # the CPU is chosen: view generation will be slow
 
     options = gen().job_options(settings, prefs())
@@ -81,7 +82,8 @@ def test_the_panel_offers_instantmesh_with_its_own_settings(settings):
 
     settings.model = "instantnerf-base"  # the NeRF variant: marching cubes on density, so a threshold too
     text = panel_text()
-    assert "'threshold'" in text and "'steps'" in text and not bpy.types.IMAGE_TO_3D_PT_advanced.poll(bpy.context)
+    assert "'threshold'" in text and "'steps'" in text
+    assert "'source_size'" not in panel_text("IMAGE_TO_3D_PT_advanced")
     assert (settings.threshold, settings.resolution) == (10.0, 256)
     options = gen().job_options(settings, prefs())
     assert options["threshold"] is None and options["steps"] == STEPS and "source_size" not in options
@@ -91,7 +93,8 @@ def test_the_panel_offers_instantmesh_with_its_own_settings(settings):
 
     settings.model = "triposr"  # back to a single-view model: its threshold, its source size, no steps
     text = panel_text()
-    assert "'threshold'" in text and "'steps'" not in text and bpy.types.IMAGE_TO_3D_PT_advanced.poll(bpy.context)
+    assert "'threshold'" in text and "'steps'" not in text
+    assert "'source_size'" in panel_text("IMAGE_TO_3D_PT_advanced")
     assert "steps" not in gen().job_options(settings, prefs()) and settings.resolution == 256
 
 

@@ -51,7 +51,11 @@ def test_settings_follow_the_model_until_the_user_sets_one(fresh):
     assert (s.resolution, s.threshold, s.source_size) == (256, 25.0, 0) and s.foreground_ratio == pytest.approx(0.85)
     options = gen().job_options(s, prefs())
     assert options["resolution"] is options["threshold"] is options["foreground_ratio"] is None
-    assert options["source_size"] is None
+    assert options["source_size"] is None and options["precision"] == "auto"
+    assert "'precision'" in panel_text("IMAGE_TO_3D_PT_advanced")
+    s.precision = "bf16"
+    assert gen().job_options(s, prefs())["precision"] == "bf16"
+    s.precision = "auto"
 
     s.model = "openlrm-mix-base"
     assert (s.resolution, s.threshold) == (384, 3.0) and s.foreground_ratio == pytest.approx(0.8)

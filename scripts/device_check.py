@@ -97,8 +97,6 @@ def _timed(fn, device):
 
 def full_triposr(device, work: Path):
     """-> (precision -> mesh, what it is). R=256; the shaped checkpoint's threshold 25."""
-    import numpy as np
-
     import bench_triposr
     from backend import preprocess
     from backend.models import triposr
@@ -150,7 +148,6 @@ def zero123pp_views(device, work: Path, full: bool, steps: int):
     import zero123pp_tiny
 
     from backend.models.zero123pp import Zero123PlusPlus
-    from backend.options import Options
 
     if full:
         from diffusers import AutoencoderKL, UNet2DConditionModel

@@ -73,7 +73,7 @@ def test_the_panel_offers_instantmesh_with_its_own_settings(settings):
     assert "'precision'" in advanced and "'source_size'" not in advanced
     assert "tens of seconds" in text  # the CPU is chosen: view generation will be slow
 
-    options = gen().job_options(settings, prefs())
+    options = addon_module("operators.job_options").job_options(settings, prefs())
     assert {k: options[k] for k in ("model", "steps", "guidance", "seed", "resolution")} == {
         "model": MODEL, "steps": STEPS, "guidance": 4.0, "seed": SEED, "resolution": None}
     assert "threshold" not in options and "source_size" not in options  # the backend refuses them
@@ -85,17 +85,17 @@ def test_the_panel_offers_instantmesh_with_its_own_settings(settings):
     assert "'threshold'" in text and "'steps'" in text
     assert "'source_size'" not in panel_text("IMAGE_TO_3D_PT_advanced")
     assert (settings.threshold, settings.resolution) == (10.0, 256)
-    options = gen().job_options(settings, prefs())
+    options = addon_module("operators.job_options").job_options(settings, prefs())
     assert options["threshold"] is None and options["steps"] == STEPS and "source_size" not in options
     settings.threshold = 5.0
-    assert gen().job_options(settings, prefs())["threshold"] == 5.0
+    assert addon_module("operators.job_options").job_options(settings, prefs())["threshold"] == 5.0
     settings.use_custom_threshold = False
 
     settings.model = "triposr"  # back to a single-view model: its threshold, its source size, no steps
     text = panel_text()
     assert "'threshold'" in text and "'steps'" not in text
     assert "'source_size'" in panel_text("IMAGE_TO_3D_PT_advanced")
-    assert "steps" not in gen().job_options(settings, prefs()) and settings.resolution == 256
+    assert "steps" not in addon_module("operators.job_options").job_options(settings, prefs()) and settings.resolution == 256
 
 
 def test_the_licence_comes_first(settings):
@@ -111,7 +111,7 @@ def test_generate_draws_views_step_by_step_then_imports_mesh_and_views(settings,
     bpy.ops.ed.undo_push(message="before")
 
     assert bpy.ops.image_to_3d.generate(run_async=True) == {"FINISHED"}
-    (timer,) = gen().TIMERS.values()
+    (timer,) = addon_module("operators.jobs").TIMERS.values()
     job = addon_module("backend.client.session").current_job()
     seen, shown = set(), ""
     deadline = time.monotonic() + 300
@@ -153,7 +153,7 @@ def test_cancel_during_view_generation_leaves_nothing(settings):
     settings.steps = 400
     images_before = set(bpy.data.images.keys())
     assert bpy.ops.image_to_3d.generate(run_async=True) == {"FINISHED"}
-    (timer,) = gen().TIMERS.values()
+    (timer,) = addon_module("operators.jobs").TIMERS.values()
     job = addon_module("backend.client.session").current_job()
     deadline = time.monotonic() + 120
     while "step 2/400" not in job.message:

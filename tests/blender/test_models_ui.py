@@ -49,12 +49,12 @@ def test_the_model_list_is_the_registrys(fresh):
 def test_settings_follow_the_model_until_the_user_sets_one(fresh):
     s = fresh
     assert (s.resolution, s.threshold, s.source_size) == (256, 25.0, 0) and s.foreground_ratio == pytest.approx(0.85)
-    options = gen().job_options(s, prefs())
+    options = addon_module("operators.job_options").job_options(s, prefs())
     assert options["resolution"] is options["threshold"] is options["foreground_ratio"] is None
     assert options["source_size"] is None and options["precision"] == "auto"
     assert "'precision'" in panel_text("IMAGE_TO_3D_PT_advanced")
     s.precision = "bf16"
-    assert gen().job_options(s, prefs())["precision"] == "bf16"
+    assert addon_module("operators.job_options").job_options(s, prefs())["precision"] == "bf16"
     s.precision = "auto"
 
     s.model = "openlrm-mix-base"
@@ -70,11 +70,11 @@ def test_settings_follow_the_model_until_the_user_sets_one(fresh):
     assert addon_module("properties").effective(s)["source_size"] == 224
     s.model = "triposr"
     assert (s.resolution, s.threshold) == (256, 0.5) and s.foreground_ratio == pytest.approx(0.85)
-    options = gen().job_options(s, prefs())
+    options = addon_module("operators.job_options").job_options(s, prefs())
     assert options["threshold"] == 0.5 and options["resolution"] is None
 
     s.use_custom_threshold = False  # back to the model's
-    assert s.threshold == 25.0 and gen().job_options(s, prefs())["threshold"] is None
+    assert s.threshold == 25.0 and addon_module("operators.job_options").job_options(s, prefs())["threshold"] is None
 
 
 def test_source_size_off_the_patch_grid_is_flagged(fresh):
@@ -88,7 +88,7 @@ def test_source_size_off_the_patch_grid_is_flagged(fresh):
     assert "16-pixel" in props.source_size_problem(fresh)
     fresh.source_size = 512
     assert props.source_size_problem(fresh) == ""
-    assert gen().job_options(fresh, prefs())["source_size"] == 512
+    assert addon_module("operators.job_options").job_options(fresh, prefs())["source_size"] == 512
 
 
 def test_openlrm_needs_its_licence_accepted_once(fresh, config_dir):
@@ -133,7 +133,7 @@ def test_openlrm_generates_the_cli_mesh_through_the_worker(fresh, config_dir, tm
     s.resolution = 64
     s.threshold = mesh_threshold()
     s.remove_background = False  # the fixture's input is opaque
-    options = gen().job_options(s, prefs())
+    options = addon_module("operators.job_options").job_options(s, prefs())
     assert options["foreground_ratio"] is None and options["source_size"] is None
     assert options["weights"] == str(PACKED)
 
@@ -175,8 +175,8 @@ def test_the_workers_licence_refusal_shows_with_a_blender_hint(fresh, config_dir
     s.resolution, s.remove_background = 32, False
     assert bpy.ops.image_to_3d.generate(run_async=True) == {"FINISHED"}
     (config_dir / "accepted_licences.json").unlink()
-    (job_id,) = gen().TIMERS
-    timer = gen().TIMERS[job_id]
+    (job_id,) = addon_module("operators.jobs").TIMERS
+    timer = addon_module("operators.jobs").TIMERS[job_id]
     deadline = time.monotonic() + 120
     while timer() is not None:
         assert time.monotonic() < deadline

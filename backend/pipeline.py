@@ -18,6 +18,7 @@ from .options import DEFAULT_BAKE_SIZE, DEFAULT_GUIDANCE, DEFAULT_SEED, DEFAULT_
 from .progress import ProgressFn, Stages
 from .protocol import Stage
 
+
 def generate(image_path, options: Options, progress: Optional[ProgressFn] = None,
              cancelled: Optional[Callable[[], bool]] = None, model_cache: Optional[dict] = None,
              field_cache=None):

@@ -572,6 +572,13 @@ def test_the_token_is_refused_before_any_body_is_read(server):
 
 @needs_serve
 def test_health_shows_a_busy_replica_and_for_how_long(server, tmp_path):
+    from backend.server import app
+
+    # A replica killed by an earlier test stays listed until it has been silent for STALE_S: wait for one.
+    deadline = time.monotonic() + app.STALE_S + 15
+    while len(wire.health(server.url, server.token)["devices"]) != 1:
+        assert time.monotonic() < deadline, wire.health(server.url, server.token)["devices"]
+        time.sleep(1)
     w = server.client(tmp_path)
     job = w.submit(str(IMAGE), SLOW)
     wait_for_stage(w, SURFACE)

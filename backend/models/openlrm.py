@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import devices, surface
+from .. import surface
 from ..errors import WeightsError
 from ..field import ColourField
 from .single_image import SingleImageModel
@@ -165,8 +165,8 @@ class OpenLRM(SingleImageModel, nn.Module):
         return TriplaneField(planes, self.synthesizer.decoder.net, RADIUS, density_bias=-1.0,
                              plane_axes=EG3D_PLANE_AXES, density_activation="softplus", color_margin=0.001)
 
-    def make_planes(self, conditioning: np.ndarray, options, stages) -> tuple[torch.Tensor, dict]:
-        """The prepared image -> this object's triplanes (3, C, H, W), and what was used."""
+    def model_input(self, conditioning: np.ndarray, options):
+        """The prepared image as this model's encoder takes it, and the source size used."""
         from .. import preprocess
         from ..options import check_source_size
 
@@ -174,17 +174,14 @@ class OpenLRM(SingleImageModel, nn.Module):
         if size is None:
             raise ValueError("no source size: set options.source_size or load the model with a default")
         size = check_source_size(int(size), self.patch_size)
-        image = preprocess.to_openlrm_input(conditioning, size)
-        dtype = devices.resolve_precision(getattr(options, "precision", "auto"), self.device)
-        # Half precision (autocast) for DINOv2, the camera-modulated transformer and the upsampler; planes back in
-        # fp32, the decoder and the surface in fp32 (PRECISION_NOTE in triposr.py: the same measurements).
-        with devices.autocast(self.device, dtype):
-            stages.begin(Stage.ENCODE, "encoding the image")
-            features = self.encode(image, stages.check)
-            stages.begin(Stage.TRIPLANE, "building triplanes")
-            camera = self.embed_camera(source_camera())
-            planes = self.upsample(self.transform(features, camera, stages.check))[0]
-        return planes.float(), {"source_size": size, "precision": devices.precision_name(dtype)}
+        return preprocess.to_openlrm_input(conditioning, size), size
+
+    def planes_of(self, image, stages) -> torch.Tensor:
+        stages.begin(Stage.ENCODE, "encoding the image")
+        features = self.encode(image, stages.check)
+        stages.begin(Stage.TRIPLANE, "building triplanes")
+        camera = self.embed_camera(source_camera())
+        return self.upsample(self.transform(features, camera, stages.check))[0]
 
     def mesh_from(self, planes: torch.Tensor, options, stages) -> Mesh:
         vertices, faces, colors = surface.colored_surface(self.field(planes), int(options.resolution),

@@ -17,7 +17,7 @@ import torch
 import yaml
 from torch import nn
 
-from .. import devices, surface
+from .. import surface
 from ..errors import WeightsError
 from ..field import ColourField
 from .single_image import SingleImageModel
@@ -186,22 +186,19 @@ class TripoSR(SingleImageModel, nn.Module):
         """The density/colour field of one object, planes (3, C, H, W)."""
         return TriplaneField(planes, self.decoder.layers, self.cfg.radius, self.cfg.density_bias)
 
-    def make_planes(self, conditioning: np.ndarray, options, stages) -> tuple[torch.Tensor, dict]:
-        """The prepared image -> this object's triplanes (3, C, H, W), and what was used."""
+    def model_input(self, conditioning: np.ndarray, options):
+        """The prepared image as this model's encoder takes it, and the source size used."""
         from .. import preprocess
         from ..options import check_source_size
 
         size = check_source_size(int(options.source_size or self.cfg.cond_image_size), self.cfg.vit.patch_size)
-        rgb = preprocess.to_model_input(conditioning, size)
-        dtype = devices.resolve_precision(getattr(options, "precision", "auto"), self.device)
-        # Half precision (autocast) for the image encoder, the triplane transformer and its upsampler; the planes
-        # come back as fp32, and the NeRF decoder, the surface and the colours run in fp32 (PRECISION_NOTE).
-        with devices.autocast(self.device, dtype):
-            stages.begin(Stage.ENCODE, "encoding the image")
-            tokens = self.encode(rgb, stages.check)
-            stages.begin(Stage.TRIPLANE, "building triplanes")
-            planes = self.triplanes(tokens, stages.check)[0]
-        return planes.float(), {"source_size": size, "precision": devices.precision_name(dtype)}
+        return preprocess.to_model_input(conditioning, size), size
+
+    def planes_of(self, rgb, stages) -> torch.Tensor:
+        stages.begin(Stage.ENCODE, "encoding the image")
+        tokens = self.encode(rgb, stages.check)
+        stages.begin(Stage.TRIPLANE, "building triplanes")
+        return self.triplanes(tokens, stages.check)[0]
 
     def mesh_from(self, planes: torch.Tensor, options, stages) -> Mesh:
         vertices, faces, colors = surface.colored_surface(self.field(planes), int(options.resolution),

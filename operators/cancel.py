@@ -22,7 +22,7 @@ class IMAGE_TO_3D_OT_cancel(bpy.types.Operator):
         return True
 
     def execute(self, context):
-        jobs.cancel()
+        jobs.cancel_batch()
         session.current().cancel()
         return {"FINISHED"}
 

@@ -18,7 +18,7 @@ def why_not(context) -> str:
     settings = getattr(context.scene, "image_to_3d", None)
     if settings is None:
         return "No scene"
-    if session.is_busy() or jobs.running():
+    if session.is_busy() or jobs.batch_running():
         return "A generation is already running"
     if settings.image is None and not settings.batch:
         return "Choose an image first"
@@ -36,11 +36,11 @@ with the chosen model, in a background process"""
 
     def execute(self, context):
         settings = context.scene.image_to_3d
-        jobs.forget()  # the last batch's list of failed images goes with the next Generate
+        jobs.forget_batch()  # the last batch's list of failed images goes with the next Generate
         options = job_options(settings, preferences.get(context))
         if settings.batch:
             paths = [bpy.path.abspath(item.filepath) for item in settings.batch]
-            return jobs.begin(self, context, paths, settings.batch_name, options,
+            return jobs.begin_batch(self, context, paths, settings.batch_name, options,
                                generation_settings(settings, options))
         image = settings.image
         info = {

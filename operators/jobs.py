@@ -59,7 +59,7 @@ def backend_problem(context) -> str:
     """Why no job can start now ('' when one can): one at a time, and a backend to run it."""
     if getattr(context.scene, "image_to_3d", None) is None:
         return "No scene"
-    if session.is_busy() or running():
+    if session.is_busy() or batch_running():
         return "A generation is already running"
     return preferences.backend_problem(context)  # Local: its Python; Remote: the server's URL, online access
 
@@ -305,33 +305,33 @@ class Batch:
 _run: Batch | None = None  # the batch in flight, or the last one (its failures stay listed)
 
 
-def current() -> Batch | None:
+def current_batch() -> Batch | None:
     return _run
 
 
-def running() -> bool:
+def batch_running() -> bool:
     return _run is not None and _run.running
 
 
-def forget() -> None:
+def forget_batch() -> None:
     """Drop the last batch's outcome (the next Generate 3D, disabling the add-on)."""
     global _run
     _run = None
 
 
-def cancel() -> None:
+def cancel_batch() -> None:
     """Start no further image; the caller cancels the job in flight."""
-    if running():
+    if batch_running():
         _run.cancelled = True
 
 
-def begin(operator, context, paths, name: str, options: dict, settings: dict) -> set:
+def begin_batch(operator, context, paths, name: str, options: dict, settings: dict) -> set:
     """Start a batch (Generate 3D's execute when several images are chosen); in background mode, run it to its
     end unless the caller drives the timers."""
     global _run
     clear_outcome(context.scene.image_to_3d)
     _run = run = Batch(paths, name or "Batch", context.scene.name, context.view_layer.name, options, settings)
-    advance(run)
+    advance_batch(run)
     if run.running and blocks(operator):
         run_ticks()
     if run.running:
@@ -345,7 +345,7 @@ def begin(operator, context, paths, name: str, options: dict, settings: dict) ->
     return {"FINISHED"}
 
 
-def advance(run: Batch) -> None:
+def advance_batch(run: Batch) -> None:
     """Start the next image. One that cannot start is listed as failed and the next is tried; the batch ends
     when none is left, it was cancelled, or its scene is gone."""
     while not run.cancelled and run.index + 1 < run.total:
@@ -356,14 +356,14 @@ def advance(run: Batch) -> None:
         path = run.paths[run.index]
         view_layer = scene.view_layers.get(run.view_layer) or scene.view_layers[0]
         try:
-            start_job(scene, view_layer, functools.partial(submit, run, path), item_info(run, path))
+            start_job(scene, view_layer, functools.partial(submit_batch_item, run, path), batch_item_info(run, path))
             return
         except (OSError, ValueError, RuntimeError) as exc:
             run.failures.append((os.path.basename(path), str(exc)))
-    end(run)
+    end_batch(run)
 
 
-def end(run: Batch) -> None:
+def end_batch(run: Batch) -> None:
     """The batch's line in the panel: an error only when nothing was imported because images failed."""
     run.running = False
     scene = bpy.data.scenes.get(run.scene)
@@ -377,7 +377,7 @@ def end(run: Batch) -> None:
         settings.last_info = run.summary()
 
 
-def item_info(run: Batch, path: str) -> dict:
+def batch_item_info(run: Batch, path: str) -> dict:
     name = os.path.basename(path)
     return {
         "on_done": functools.partial(results.import_item, run),
@@ -385,17 +385,17 @@ def item_info(run: Batch, path: str) -> dict:
         "settings": dict(run.settings, image=name),
         "path": path,
         "on_failure": lambda message, hint: run.failures.append((name, message)),
-        "then": functools.partial(after_item, run),
+        "then": functools.partial(after_batch_item, run),
     }
 
 
-def after_item(run: Batch, state: str) -> None:
+def after_batch_item(run: Batch, state: str) -> None:
     if state == CANCELLED:  # by Cancel, or the worker was stopped: the rest of the queue goes too
         run.cancelled = True
-    advance(run)
+    advance_batch(run)
 
 
-def submit(run: Batch, path: str, worker, staging: str):
+def submit_batch_item(run: Batch, path: str, worker, staging: str):
     return worker.submit(results.input_file(path, staging), run.options)
 
 
@@ -405,4 +405,4 @@ def unregister():
     """Disabling the add-on: stop following every job, forget the last batch."""
     for job_id in list(TIMERS):
         finish(job_id, unregister_timer=True)
-    forget()
+    forget_batch()

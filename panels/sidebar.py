@@ -51,8 +51,8 @@ def draw_progress(layout, job):
     if job.cancel_requested_at is not None:
         label = "Cancelling…"
     text = f"{label} {job.fraction:.0%}"
-    if jobs.running():
-        run = jobs.current()
+    if jobs.batch_running():
+        run = jobs.current_batch()
         text = f"Image {run.position} of {run.total} · {text}"
     if hasattr(layout, "progress"):  # Blender 4.0+
         layout.progress(factor=job.fraction, type="BAR", text=text)
@@ -65,7 +65,7 @@ def draw_progress(layout, job):
 
 def draw_batch_failures(layout, context):
     """The images of the running (or last) batch that failed, each with its reason."""
-    run = jobs.current()
+    run = jobs.current_batch()
     if run is None or run.scene != context.scene.name or not run.failures:
         return
     box = layout.box()

@@ -152,7 +152,7 @@ def test_a_corrupt_image_in_the_middle_is_listed_and_the_others_are_imported(set
     assert [o.name for o in objs] == ["a 3D", "c 3D"]
     assert set(bpy.data.collections["Batch a +2"].objects) == set(objs)
     assert world_x_bounds(objs[1])[0] > world_x_bounds(objs[0])[1], "the next in the row, no hole"
-    ((name, reason),) = batch_module().current().failures
+    ((name, reason),) = batch_module().current_batch().failures
     assert name == "b.png" and "could not be decoded" in reason
     assert settings.last_info == "2 of 3 imported, 1 failed" and settings.last_error == ""
     assert "b.png" not in bpy.data.images, "nothing of the failed image is left in the file"
@@ -162,7 +162,7 @@ def test_a_corrupt_image_in_the_middle_is_listed_and_the_others_are_imported(set
 
     bpy.ops.image_to_3d.clear_batch()
     assert bpy.ops.image_to_3d.generate() == {"FINISHED"}
-    assert batch_module().current() is None and "Failed" not in panel_text(), "kept until the next Generate"
+    assert batch_module().current_batch() is None and "Failed" not in panel_text(), "kept until the next Generate"
 
 
 def test_a_batch_where_every_image_fails_leaves_no_collection(settings, tmp_path):
@@ -172,7 +172,7 @@ def test_a_batch_where_every_image_fails_leaves_no_collection(settings, tmp_path
         bpy.ops.image_to_3d.generate()
     assert len(bpy.data.collections) == 0 and generated_objects() == []
     assert settings.last_error == "0 of 2 imported, 2 failed" and settings.last_hint
-    assert len(batch_module().current().failures) == 2
+    assert len(batch_module().current_batch().failures) == 2
     assert job_root_entries() == []
 
 

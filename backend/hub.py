@@ -1,31 +1,29 @@
-"""Downloading model files: pinned revisions, resume, size + sha256 verification, offline mode.
+"""Model files: our pins on top of ``huggingface_hub``, which downloads them.
 
-Standard library only: Blender's own Python runs it too (the preferences' Download buttons), before
-any backend environment exists. Files arrive as ``<name>.partial`` beside their destination and are
-renamed into place only once their size and sha256 are right; a file that fails is deleted, and a
-body longer than the file is cut off there. A file already in place is hashed too before it is trusted
-(once per change: see `Checksums`). The Hugging Face token goes only to the hub's own origin
-(``HF_ENDPOINT``), never across a redirect elsewhere nor to a file with its own URL. Offline (Blender's
-*Allow Online Access* off, ``--offline``, ``HF_HUB_OFFLINE=1``), no connection is attempted at all.
+The library does the transfer (pinned revision, resume of a broken connection within a download, the standard
+cache and its locks, ``HF_HOME``/``HF_HUB_CACHE``, ``HF_ENDPOINT``, ``HF_TOKEN`` or the stored login, the token
+kept off other origins across redirects). On top, what it does not do: every file is checked against our size and
+sha256 pins (or the sha256 recorded at its first download: `Checksums`) before it is trusted, and a wrong one is
+removed from the cache; a body longer than the file is stopped there; a download can be cancelled; offline
+(Blender's *Allow Online Access* off, ``--offline``, ``HF_HUB_OFFLINE=1``) nothing connects and a missing file is
+named. A file already in the cache at its pinned revision is used where it is, never copied. The one file outside
+the hub (rembg's u2net) has a plain download of its own, never with the token.
+
+This module imports the library only inside the download functions: Blender's own Python imports the rest
+(sizes, the cache's layout) without it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import http.client
 import json
 import os
-import queue
+import re
 import shutil
-import socket
 import sys
 import tempfile
-import threading
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -34,13 +32,11 @@ from .errors import BackendError, Cancelled, WeightsError
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 CHUNK = 1 << 20
-RETRIES = 3
 SPACE_MARGIN = 64 << 20  # keep some room: a disk filled to the last byte breaks other programs
 # A file with no published size stops here. The largest file of any model is 1.8 GB and those without a size
 # are at most 1.3 GB (registry.APPROX_BYTES); a server that streams without end must not fill the disk.
 UNKNOWN_SIZE_CAP = 4 << 30
-POLL = 0.1  # seconds between looks at `cancelled` while the network is silent
-QUEUED_CHUNKS = 8  # read ahead of the disk at most this many chunks
+_COMMIT = re.compile(r"[0-9a-f]{40}")
 
 
 @dataclass(frozen=True)
@@ -80,39 +76,6 @@ def online_allowed(online: Optional[bool] = None) -> bool:
 
 def endpoint() -> str:
     return os.environ.get("HF_ENDPOINT", DEFAULT_ENDPOINT).rstrip("/")
-
-
-def file_url(f: RemoteFile) -> str:
-    if f.url:
-        return f.url
-    return f"{endpoint()}/{f.repo}/resolve/{f.revision}/{f.path}"
-
-
-def _origin(url: str) -> Optional[tuple]:
-    """(scheme, host, port), the default port filled in; None for a URL without a usable one."""
-    parts = urllib.parse.urlsplit(url)
-    try:
-        port = parts.port
-    except ValueError:
-        return None
-    scheme = parts.scheme.lower()
-    port = port or {"http": 80, "https": 443}.get(scheme)
-    return (scheme, parts.hostname, port) if parts.hostname and port else None
-
-
-class _TokenStaysHome(urllib.request.HTTPRedirectHandler):
-    """urllib copies every header onto the request a redirect makes, Authorization included, wherever it leads:
-    the hub sends large files on to a CDN, and a hostile or compromised server could send them to plain http
-    or to itself. The token goes on only to the endpoint's own origin (same scheme, host and port)."""
-
-    def __init__(self):
-        self.home = _origin(endpoint())
-
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        new = super().redirect_request(req, fp, code, msg, headers, newurl)
-        if new is not None and (self.home is None or _origin(newurl) != self.home):
-            new.remove_header("Authorization")
-        return new
 
 
 def human_size(n: Optional[int]) -> str:
@@ -200,64 +163,101 @@ class Checksums:
 ProgressFn = Callable[[int, Optional[int], float], None]  # bytes done, total, bytes per second
 
 
-def download(f: RemoteFile, dest: Path, *, checksums: Optional[Checksums] = None, token: Optional[str] = None,
-             online: Optional[bool] = None, progress: Optional[ProgressFn] = None,
-             cancelled: Optional[Callable[[], bool]] = None, timeout: float = 30.0) -> Path:
-    """Fetch ``f`` to ``dest`` unless a verified copy is there. Resumes a ``.partial`` left by an earlier try.
-    A copy already at ``dest`` is hashed (unless `Checksums` saw it unchanged since) and, if wrong, removed with
-    a `WeightsError`. ``timeout``: seconds a connection may stay silent before the try is given up (and
-    resumed); ``cancelled`` is looked at every `POLL` seconds meanwhile."""
-    dest = Path(dest)
-    checksums = checksums or Checksums(dest.parent / "checksums.json")
-    if dest.is_file() and (f.size is None or dest.stat().st_size == f.size):
+def hub_cache() -> Path:
+    """The Hugging Face cache the library downloads into, read at each call (as the library reads it at its import):
+    ``HF_HUB_CACHE``, else ``HF_HOME/hub``, else ``~/.cache/huggingface/hub``."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    return Path(os.environ.get("HF_HOME") or Path.home() / ".cache" / "huggingface").expanduser() / "hub"
+
+
+def repo_folder(repo: str, cache: Optional[Path] = None) -> Path:
+    return Path(cache or hub_cache()) / f"models--{repo.replace('/', '--')}"
+
+
+def snapshot_of(repo: str, revision: str, cache: Optional[Path] = None) -> Optional[Path]:
+    """The cache's snapshot folder of ``repo`` at ``revision`` (a commit, or a branch the library recorded under
+    ``refs/``); None when the cache has no such revision. The cache's layout, read without the library: Blender's
+    own Python looks here too."""
+    folder = repo_folder(repo, cache)
+    commit = revision
+    if not _COMMIT.fullmatch(revision):
+        try:
+            commit = (folder / "refs" / revision).read_text().strip()
+        except OSError:
+            return None
+    snapshot = folder / "snapshots" / commit
+    return snapshot if snapshot.is_dir() else None
+
+
+def cached(f: RemoteFile, cache: Optional[Path] = None) -> Optional[Path]:
+    """``f`` in the cache at its pinned revision, with its published size; None if it is not there whole."""
+    if f.url:
+        return None
+    snapshot = snapshot_of(f.repo, f.revision, cache)
+    path = snapshot / f.path if snapshot else None
+    if path is None or not path.is_file() or (f.size is not None and path.stat().st_size != f.size):
+        return None
+    return path
+
+
+def download(f: RemoteFile, dest: Optional[Path] = None, *, checksums: Optional[Checksums] = None,
+             token: Optional[str] = None, online: Optional[bool] = None, progress: Optional[ProgressFn] = None,
+             cancelled: Optional[Callable[[], bool]] = None, cache: Optional[Path] = None) -> Path:
+    """A verified local copy of ``f``; returns its path. A hub file is looked for in the Hugging Face cache at its
+    pinned revision and used there, else fetched into it by ``huggingface_hub`` (resume within the download,
+    the token only to the hub, redirects, the cache's layout and locks are the library's). ``dest``: for a file
+    with its own URL (u2net), where it goes; for a hub file, a file already there (a folder of an earlier version)
+    is used in place of the cache. Either way the file is hashed before it is trusted and removed if wrong."""
+    checksums = checksums or Checksums((Path(dest).parent if dest else hub_cache()) / "checksums.json")
+    dest = Path(dest) if dest else None
+    if dest is not None and dest.is_file() and (f.size is None or dest.stat().st_size == f.size):
         check_present(f, dest, checksums)
         return dest
+    if not f.url:
+        path = cached(f, cache)
+        if path is not None:
+            check_present(f, path, checksums)
+            return path
     if not online_allowed(online):
+        where = dest.parent if f.url or dest is not None else hub_cache()
         raise OfflineError(
             f"{f.name} ({human_size(f.size)}) is not on this machine and online access is off",
-            hint=f"Put {f.path} from {f.repo} (revision {f.revision}) into {dest.parent}, "
+            hint=f"Put {f.path} from {f.repo} (revision {f.revision}) into {where}, "
                  f"or allow online access (Blender: Preferences > System > Network).")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    partial = dest.with_name(dest.name + ".partial")
-    done = partial.stat().st_size if partial.exists() else 0
-    if f.size is not None:
-        if done > f.size:  # not a prefix of this file: start again
-            partial.unlink()
-            done = 0
-        _check_space(dest.parent, f.size - done)
-
-    for attempt in range(RETRIES + 1):
-        try:
-            _fetch(f, partial, token, progress, cancelled, timeout)
-            break
-        except _Interrupted as e:
-            if attempt == RETRIES:
-                raise DownloadError(f"download of {f.name} kept breaking off ({e}); {human_size(partial.stat().st_size)} "
-                                    f"kept for the next try", hint="Try again later: it resumes where it stopped.") from None
-            time.sleep(min(2 ** attempt, 5) * 0.1)
-
-    sha, md5 = _verify(f, partial, checksums.expected(f))
-    checksums.record(f, sha)
-    os.replace(partial, dest)
-    checksums.mark_verified(dest, sha, md5)
-    return dest
+    if f.url:
+        if dest is None:
+            raise ValueError(f"{f.name} has its own URL: give where it goes")
+        return _plain_download(f, dest, checksums, progress, cancelled)
+    return _hub_download(f, checksums, token, progress, cancelled, Path(cache or hub_cache()))
 
 
 def check_present(f: RemoteFile, path: Path, checksums: Checksums) -> None:
     """Trust a file already in place only once hashed: against its published sha256 (or md5), else the one
     recorded at its first download; a file seen for the first time without either has its sha256 recorded.
-    A wrong file is removed: `WeightsError`."""
+    A wrong file is removed (in the cache: its blob too): `WeightsError`."""
     if checksums.is_verified(f, path):
         return
     stamp = checksums._stamp(path)
     sha, md5 = _digests(path)
     expected = checksums.expected(f)
     if (expected and sha != expected) or (f.md5 and md5 != f.md5):
-        path.unlink()
+        _remove(path)
         raise WeightsError(f"{f.name} in {path.parent} failed its checksum: removed, never loaded",
                            hint="It was corrupted or changed on disk; download it again.")
     checksums.record(f, sha)
     checksums.mark_verified(path, sha, md5, stamp)
+
+
+def _remove(path: Path) -> None:
+    """The file, and where it is a link (the cache's snapshot entries are), the blob it points at."""
+    path = Path(path)
+    target = Path(os.path.realpath(path))
+    with contextlib.suppress(OSError):
+        path.unlink()
+    if target != path.absolute():
+        with contextlib.suppress(OSError):
+            target.unlink()
 
 
 class _Interrupted(Exception):
@@ -271,162 +271,154 @@ def _check_space(folder: Path, needed: int) -> None:
                             hint="Free some space or choose another model folder in the preferences.")
 
 
-class _Stream:
-    """One request, its network side on a thread of its own. A read blocked on a stalled server cannot be
-    interrupted on the same thread (and after a socket timeout the stream is unusable), so the caller waits on
-    a queue instead and looks at ``cancelled`` every `POLL` seconds; the socket timeout stays the stall limit.
-    Items: the response, then chunks (``b""`` at the end), or the exception that stopped it."""
+def _bar(f: RemoteFile, progress, cancelled, before: int = 0):
+    """A tqdm stand-in for the library's progress: it reports bytes to ``progress``, stops the download at once on
+    ``cancelled`` (looked at with each chunk) and on a body longer than the file (the library would write on until
+    the server stops): the exception ends the library's transfer and it removes its temporary file."""
+    limit = f.size if f.size is not None else UNKNOWN_SIZE_CAP
 
-    def __init__(self, request: urllib.request.Request, timeout: float, name: str):
-        self._items = queue.Queue(maxsize=QUEUED_CHUNKS)
-        self._stop = threading.Event()
-        self._response = None
-        self._name = name
-        self._thread = threading.Thread(target=self._run, args=(request, timeout), name="hub-download", daemon=True)
-        self._thread.start()
+    class Bar:
+        def __init__(self, *args, total=None, initial=0, **kwargs):
+            if total is not None and total > limit:
+                raise _TooLong(f"the server offers {total:,} bytes for {f.name}, {_expected(f, limit)}")
+            self.n = initial
+            self.total = total
+            self.started, self.last = time.monotonic(), 0.0
+            self.first = initial
 
-    def _run(self, request, timeout) -> None:
-        try:
-            response = urllib.request.build_opener(_TokenStaysHome()).open(request, timeout=timeout)
-        except BaseException as e:
-            self._put(e)
-            return
-        self._response = response
-        with response:
-            if not self._put(response):
-                return
-            while not self._stop.is_set():
-                try:
-                    chunk = response.read1(CHUNK)  # what has arrived: progress and cancel need no full MiB
-                except BaseException as e:
-                    self._put(e)
-                    return
-                if not self._put(chunk) or not chunk:
-                    return
-
-    def _put(self, item) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._items.put(item, timeout=POLL)
-                return True
-            except queue.Full:
-                pass
-        return False
-
-    def get(self, cancelled):
-        while True:
+        def update(self, n=1):
+            self.n += n
+            if self.n > limit:
+                raise _TooLong(f"the server sent more for {f.name} than {_expected(f, limit)}")
             if cancelled and cancelled():
-                raise Cancelled(f"download of {self._name} cancelled; the part already fetched is kept to resume")
-            try:
-                item = self._items.get(timeout=POLL)
-            except queue.Empty:
-                continue
-            if isinstance(item, BaseException):
-                raise item
-            return item
+                raise Cancelled(f"download of {f.name} cancelled")
+            now = time.monotonic()
+            if progress and (now - self.last > 0.2 or self.n == self.total):
+                progress(before + self.n, self.total, (self.n - self.first) / max(now - self.started, 1e-6))
+                self.last = now
 
-    def close(self) -> None:
-        self._stop.set()
-        # Wake a read blocked on a silent server. urllib gives no public way to the socket; without it the
-        # thread ends at the socket timeout instead.
-        sock = getattr(getattr(getattr(self._response, "fp", None), "raw", None), "_sock", None)
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-            self._thread.join(1.0)
+        def update_transfer(self, n=1):
+            pass
 
-    def __enter__(self):
-        return self
+        def set_description(self, *a, **k):
+            pass
 
-    def __exit__(self, *exc):
-        self.close()
+        def close(self):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    return Bar
 
 
-def _fetch(f: RemoteFile, partial: Path, token, progress, cancelled, timeout) -> None:
+class _TooLong(Exception):
+    pass
+
+
+def _hub_download(f: RemoteFile, checksums: Checksums, token, progress, cancelled, cache: Path) -> Path:
+    try:
+        import huggingface_hub
+        from huggingface_hub import constants as hf_constants, errors as hf_errors
+    except ImportError:
+        raise DownloadError("huggingface_hub is not installed in this Python",
+                            hint="Downloads run in the backend's environment: install the backend first "
+                                 "(Install Backend, or pip install -r backend/requirements.txt).") from None
+    # No request beyond the files: without this the library also fetches a registry of "agent harnesses" from
+    # the endpoint and puts the torch version in its user agent. Read at each request; set here, not by the
+    # environment, because transformers may have imported the library before.
+    hf_constants.HF_HUB_DISABLE_TELEMETRY = True
+    if f.size is not None:
+        cache.mkdir(parents=True, exist_ok=True)
+        _check_space(cache, f.size)
+    try:
+        path = Path(huggingface_hub.hf_hub_download(
+            f.repo, f.path, revision=f.revision, cache_dir=cache, endpoint=endpoint(), token=token or None,
+            tqdm_class=_bar(f, progress, cancelled), user_agent="image-to-3d"))
+    except _TooLong as e:
+        raise DownloadError(f"{e}: stopped, nothing kept",
+                            hint="The server sent something other than the model file; try again later.") from None
+    except hf_errors.LocalEntryNotFoundError as e:  # no answer the library could use, nothing cached
+        status = _status(e.__cause__)
+        if status in (401, 403):
+            raise _refused(f, status) from None
+        reason = str(e.__cause__ or e).splitlines()[0]
+        raise DownloadError(f"cannot download {f.name} from {endpoint()} ({reason})",
+                            hint="Check the network connection (or a proxy, or HF_ENDPOINT), then try again.") from None
+    except hf_errors.RepositoryNotFoundError as e:  # GatedRepoError too; the hub answers 401 for a private repo
+        raise _refused(f, _status(e)) from None
+    except hf_errors.RevisionNotFoundError:
+        raise DownloadError(f"revision {f.revision} was not found in {f.repo}") from None
+    except hf_errors.RemoteEntryNotFoundError:
+        raise DownloadError(f"{f.path} was not found in {f.repo} at revision {f.revision} (HTTP 404)") from None
+    except hf_errors.HfHubHTTPError as e:
+        if _status(e) in (401, 403):
+            raise _refused(f, _status(e)) from None
+        raise DownloadError(f"download of {f.name} failed: HTTP {_status(e)}", hint="Try again later.") from None
+    except OSError as e:  # the library's own checks (the size it was told), the disk
+        raise DownloadError(f"download of {f.name} failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
+                            hint="Try again: a broken download starts afresh.") from None
+    if f.size is not None and path.stat().st_size != f.size:
+        size = path.stat().st_size
+        _remove(path)
+        raise WeightsError(f"{f.name} has {size} bytes instead of {f.size}: removed",
+                           hint="The download was corrupted or the server sent another file; try again.")
+    check_present(f, path, checksums)
+    return path
+
+
+def _status(error) -> Optional[int]:
+    return getattr(getattr(error, "response", None), "status_code", None)
+
+
+def _refused(f: RemoteFile, status) -> DownloadError:
+    return DownloadError(
+        f"access to {f.repo} was refused (HTTP {status})",
+        hint=f"The repository is gated or private: accept the terms on the model's page "
+             f"(https://huggingface.co/{f.repo}), then set a token (preferences: Hugging Face Token; or HF_TOKEN, "
+             f"or `hf auth login`).")
+
+
+def _plain_download(f: RemoteFile, dest: Path, checksums: Checksums, progress, cancelled) -> Path:
+    """A file outside the hub (u2net on GitHub), with the library's plain HTTP transfer and never a token: into
+    ``<name>.partial`` beside ``dest`` (kept on a cut or a cancel: the next try resumes there), renamed once
+    verified."""
+    from huggingface_hub.file_download import http_get
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    partial = dest.with_name(dest.name + ".partial")
     done = partial.stat().st_size if partial.exists() else 0
-    if f.size is not None and done == f.size:
-        return
-    request = urllib.request.Request(file_url(f), headers={"User-Agent": "image-to-3d"})
-    if token and not f.url:  # the hub's token, for the hub: never to a file hosted elsewhere (u2net on GitHub)
-        request.add_header("Authorization", f"Bearer {token}")
-    if done:
-        request.add_header("Range", f"bytes={done}-")
-    with _Stream(request, timeout, f.name) as stream:
-        try:
-            response = stream.get(cancelled)
-        except urllib.error.HTTPError as e:
-            e.close()
-            if e.code == 416 and f.size is not None and done == f.size:
-                return
-            if e.code in (401, 403):
-                raise DownloadError(f"access to {f.repo} was refused (HTTP {e.code})",
-                                    hint="The repository may be gated: accept its terms on the Hugging Face page "
-                                         "and give an access token in the preferences (or HF_TOKEN).") from None
-            if e.code == 404:
-                raise DownloadError(f"{f.path} was not found in {f.repo} at revision {f.revision} (HTTP 404)") from None
-            if e.code >= 500:
-                raise _Interrupted(f"HTTP {e.code}") from None
-            raise DownloadError(f"download of {f.name} failed: HTTP {e.code} {e.reason}") from None
-        except (urllib.error.URLError, OSError, http.client.HTTPException) as e:
-            raise DownloadError(f"cannot reach the download server for {f.name} ({getattr(e, 'reason', e)})",
-                                hint="Check the network connection (or a proxy), then try again: it resumes.") from None
-        if done and response.status != 206:  # the server ignored the range: start again
+    if f.size is not None:
+        if done > f.size:
+            partial.unlink()
             done = 0
-        # Known size: not a byte more. Unknown: a declared length is enforced by http.client itself; with none,
-        # the cap.
-        limit = f.size if f.size is not None else UNKNOWN_SIZE_CAP
-        total = _total_size(response, done)
-        if total is not None and total > limit:
-            _too_long(partial, f"the server offers {total:,} bytes for {f.name}, {_expected(f, limit)}")
-        total = total or f.size
-        if f.size is None and total is not None:
-            _check_space(partial.parent, total - done)
-        started, last_report = time.monotonic(), 0.0
-        received = 0
-        over = False
-        with open(partial, "ab" if done else "wb") as out:
-            while True:
-                try:
-                    chunk = stream.get(cancelled)
-                except (OSError, ValueError, http.client.HTTPException) as e:
-                    raise _Interrupted(str(e) or type(e).__name__) from None
-                if not chunk:
-                    break
-                if done + received + len(chunk) > limit:
-                    over = True
-                    break
-                out.write(chunk)
-                received += len(chunk)
-                now = time.monotonic()
-                if progress and (now - last_report > 0.2):
-                    progress(done + received, total, received / max(now - started, 1e-6))
-                    last_report = now
-        if over:
-            _too_long(partial, f"the server sent more for {f.name} than {_expected(f, limit)}")
-        if progress:
-            progress(done + received, total, received / max(time.monotonic() - started, 1e-6))
-    if total is not None and partial.stat().st_size < total:
-        raise _Interrupted(f"connection closed at {partial.stat().st_size} of {total} bytes")
+        _check_space(dest.parent, f.size - done)
+    try:
+        with open(partial, "ab") as out:
+            http_get(f.url, out, resume_size=done, headers={"user-agent": "image-to-3d"},
+                     expected_size=f.size, tqdm_class=_bar(f, progress, cancelled))
+    except _TooLong as e:
+        with contextlib.suppress(OSError):
+            partial.unlink()
+        raise DownloadError(f"{e}: stopped, nothing kept",
+                            hint="The server sent something other than the model file; try again later.") from None
+    except Cancelled:
+        raise
+    except Exception as e:  # noqa: BLE001 - the library's HTTP errors (httpx) and OSError
+        raise DownloadError(f"download of {f.name} failed: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
+                            hint="Check the network connection (or a proxy), then try again: it resumes.") from None
+    sha, md5 = _verify(f, partial, checksums.expected(f))
+    checksums.record(f, sha)
+    os.replace(partial, dest)
+    checksums.mark_verified(dest, sha, md5)
+    return dest
 
 
 def _expected(f: RemoteFile, limit: int) -> str:
     return f"the {limit:,} expected" if f.size is not None else f"at most {limit:,} bytes expected"
-
-
-def _too_long(partial: Path, message: str):
-    with contextlib.suppress(OSError):
-        partial.unlink()  # whatever it holds came from a server that sends something else
-    raise DownloadError(f"{message}: stopped, nothing kept",
-                        hint="The server sent something other than the model file; try again later.")
-
-
-def _total_size(response, done: int) -> Optional[int]:
-    content_range = response.headers.get("Content-Range")
-    if content_range and "/" in content_range and response.status == 206:
-        tail = content_range.rsplit("/", 1)[1]
-        return int(tail) if tail.isdigit() else None
-    length = response.headers.get("Content-Length")
-    return (int(length) + (done if response.status == 206 else 0)) if length and length.isdigit() else None
 
 
 def _verify(f: RemoteFile, partial: Path, expected_sha: Optional[str]) -> tuple[str, str]:

@@ -2,9 +2,10 @@
 and loading it (with a warm cache).
 
 A model folder is looked for in this order: a folder the user names (``--weights``; used as given, the
-user vouches for it), the model store (``IMAGE_TO_3D_MODELS``, which Blender points at the extension's
-user folder; files there were verified when downloaded), then the Hugging Face cache.
-Standard library only: Blender imports this module for its model list and downloads.
+user vouches for it), the model's folder in the model store (``IMAGE_TO_3D_MODELS``, which Blender points at
+the extension's user folder: ``<store>/<id>/``, real files left by an earlier version or links into the cache),
+then the Hugging Face cache at the pinned revisions (where downloads go: ``hub.hub_cache()``), then any other
+revision there. Standard library only: Blender imports this module for its model list and download sizes.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from ..errors import InputError, WeightsError
-from ..hub import RemoteFile, default_store, human_size
+from ..hub import RemoteFile, cached, default_store, hub_cache, human_size, snapshot_of
 from ..options import FOREGROUND_RATIO
 
 
@@ -198,13 +199,45 @@ def store_folder(spec: ModelSpec, store: Optional[Path] = None) -> Path:
 
 def hf_cache_folders(spec: ModelSpec) -> list[Path]:
     """Snapshots of the model's repo in the Hugging Face cache, the pinned revision first."""
-    hub_dir = Path(os.environ.get("HF_HUB_CACHE") or
-                   Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")) / "hub")
-    snapshots = hub_dir / f"models--{spec.repo.replace('/', '--')}" / "snapshots"
+    snapshots = hub_cache() / f"models--{spec.repo.replace('/', '--')}" / "snapshots"
     if not snapshots.is_dir():
         return []
     pinned = spec.files[0].revision
     return sorted(snapshots.iterdir(), key=lambda p: (p.name != pinned, -p.stat().st_mtime))
+
+
+def cache_folder(spec: ModelSpec, store: Optional[Path] = None, views_only: bool = False) -> Optional[Path]:
+    """The model's files in the Hugging Face cache at their pinned revisions, used where they are: its repo's
+    snapshot folder when it holds them all; for a model whose files come from several repos (InstantMesh), the
+    model's folder in the store made of links to them (no copy). None when the cache lacks a file."""
+    needed = _needed(spec, views_only)
+    found = {f: cached(f) for f in needed}
+    if None in found.values():
+        return None
+    if len({(f.repo, f.revision) for f in needed}) == 1:
+        return snapshot_of(needed[0].repo, needed[0].revision)
+    folder = store_folder(spec, store)
+    for f, path in found.items():
+        link_into(path, folder / f.path)
+    return folder if _complete(spec, folder, views_only) else None
+
+
+def link_into(source: Path, dest: Path) -> None:
+    """``dest`` made a link to ``source`` (a symbolic link, else a hard link where the system allows none; an
+    existing file there is left alone). Neither possible (a Windows account without the right, the cache on
+    another drive): nothing, and the model is not found there."""
+    if dest.is_file():
+        return
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if dest.is_symlink():
+        dest.unlink()  # a link into a cache that was cleared
+    try:
+        os.symlink(Path(source).absolute(), dest)
+    except OSError:
+        try:
+            os.link(os.path.realpath(source), dest)
+        except OSError:
+            pass
 
 
 def _needed(spec: ModelSpec, views_only: bool) -> tuple:
@@ -236,8 +269,13 @@ def find_folder(spec: ModelSpec, weights: Optional[str] = None, views_only: bool
             raise WeightsError(f"{folder} lacks {shown} for {spec.display_name}",
                                hint=f"It must hold the files of {repos}: {', '.join(f.path for f in needed)}.")
         return folder
-    searched = [store_folder(spec)] + hf_cache_folders(spec)
-    for folder in searched:
+    if _complete(spec, store_folder(spec), views_only):
+        return store_folder(spec)
+    pinned = cache_folder(spec, views_only=views_only)
+    if pinned is not None:
+        return pinned
+    searched = [store_folder(spec), hub_cache()] + hf_cache_folders(spec)
+    for folder in searched[2:]:
         if _complete(spec, folder, views_only):
             return folder
     files = ", ".join(f"{f.path} ({human_size(f.size)})" for f in needed)
@@ -262,51 +300,28 @@ def load(spec: ModelSpec, weights: Optional[str], device, cache: Optional[dict] 
     return model
 
 
-def _verified_in(f: RemoteFile, folder: Path) -> bool:
-    """In the store a file exists only once verified (downloads land as ``.partial`` first); its size is
-    checked again where published."""
-    path = folder / f.path
-    return path.is_file() and (f.size is None or path.stat().st_size == f.size)
-
-
-def shared_copies(spec: ModelSpec, store: Optional[Path] = None) -> dict:
-    """{file: path} for the model's files that are missing from its store folder but that another model there
-    already holds (InstantMesh's four variants share Zero123++ and the fine-tuned UNet, about 3.9 GB)."""
-    store = Path(store or default_store())
-    found = {}
-    for f in spec.files:
-        if _verified_in(f, store / spec.id):
-            continue
-        for other in MODELS.values():
-            if other.id != spec.id and f in other.files and _verified_in(f, store / other.id):
-                found[f] = store / other.id / f.path
-                break
-    return found
+def _local(f: RemoteFile, spec: ModelSpec, store: Path) -> Optional[Path]:
+    """Where ``f`` already is: the model's store folder (a file an earlier version downloaded, or a link), another
+    model's there (earlier versions kept InstantMesh's shared files in the first variant's), else the cache at its
+    pinned revision. Sizes only: a download hashes what it finds before trusting it."""
+    for other in (spec, *(m for m in MODELS.values() if m.id != spec.id and f in m.files)):
+        path = store / other.id / f.path
+        if path.is_file() and (f.size is None or path.stat().st_size == f.size):
+            return path
+    return cached(f)
 
 
 def missing_files(spec: ModelSpec, store: Optional[Path] = None) -> list:
-    """The model's files a download would fetch: not in its store folder and not shared from another model's."""
+    """The model's files a download would fetch: in neither its store folder nor the cache."""
     store = Path(store or default_store())
-    shared = shared_copies(spec, store)
-    return [f for f in spec.files if f not in shared and not _verified_in(f, store / spec.id)]
-
-
-def _link_shared(spec: ModelSpec, store: Path) -> None:
-    """Hard-link the files another model already downloaded (no second copy on disk). Where the file system
-    cannot, the file is downloaded as usual."""
-    for f, source in shared_copies(spec, store).items():
-        dest = store / spec.id / f.path
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.link(source, dest)
-        except OSError:
-            pass
+    return [f for f in spec.files if _local(f, spec, store) is None]
 
 
 def fetch(model_id: str, store: Optional[Path] = None, *, token: Optional[str] = None,
           online: Optional[bool] = None, progress=None, cancelled=None) -> Path:
-    """Download a model's files (or ``u2net``) into the store, verified. Returns the folder.
-    ``progress(done, total, rate)`` counts bytes over all of the model's files."""
+    """Make a model's files (or ``u2net``) present and verified; returns the model's folder in the store. Files are
+    downloaded into the Hugging Face cache (or used there when already in it) and linked into ``<store>/<id>/``;
+    u2net goes into ``<store>/u2net/``. ``progress(done, total, rate)`` counts bytes over all of the files."""
     from ..hub import Checksums, download
 
     store = Path(store or default_store())
@@ -314,8 +329,6 @@ def fetch(model_id: str, store: Optional[Path] = None, *, token: Optional[str] =
     files = (U2NET,) if spec is None else spec.files
     folder = store / ("u2net" if spec is None else spec.id)  # an alias downloads where the model is looked for
     checksums = Checksums(store / "checksums.json")
-    if spec is not None:
-        _link_shared(spec, store)
     total = None if None in [f.size for f in files] else sum(f.size for f in files)
     before = 0
     for f in files:
@@ -323,7 +336,13 @@ def fetch(model_id: str, store: Optional[Path] = None, *, token: Optional[str] =
             if progress:
                 progress(before + done, total, rate)
 
-        path = download(f, folder / f.path, checksums=checksums, token=token or os.environ.get("HF_TOKEN"),
-                        online=online, progress=report, cancelled=cancelled)
+        dest = folder / f.path
+        path = download(f, dest if spec is None else _local(f, spec, store), checksums=checksums,
+                        token=token or os.environ.get("HF_TOKEN"), online=online, progress=report,
+                        cancelled=cancelled)
+        if path != dest:
+            if dest.is_file() or dest.is_symlink():
+                dest.unlink()  # an earlier version's file of the wrong size, or a link to a removed blob
+            link_into(path, dest)
         before += path.stat().st_size
     return folder

@@ -48,11 +48,13 @@ def offline_reason() -> str:
     return "Allow Online Access is off (Preferences › System › Network): downloads are disabled"
 
 
-def process_env(prefs) -> dict:
-    """Environment of every backend process: the worker's base plus the model store, offline mode (no
-    connection at all while Allow Online Access is off) and the access token (never on a command line)."""
+def process_env(prefs, token: bool = False) -> dict:
+    """Environment of every backend process: the worker's base plus the model store and offline mode (no
+    connection at all while Allow Online Access is off); with ``token`` (downloads only), the Hugging Face token,
+    never on a command line."""
     env = default_env(EXTENSION_ROOT)  # an HF_TOKEN Blender was started with stays, unless the preference has one
-    env.update(catalog.store_env(model_store(), online=online(), token=(prefs.hf_token if prefs else "") or ""))
+    env.update(catalog.store_env(model_store(), online=online(),
+                                 token=(prefs.hf_token if prefs and token else "") or ""))
     return env
 
 
@@ -122,13 +124,13 @@ def backend_command(python: str, *args) -> list:
 
 
 def new_task(kind: str, python: str, args: list, prefs, *, key: str = "", timeout=None, document=False,
-             expected_total=None) -> Task:
-    return Task(kind, backend_command(python, *args), cwd=str(EXTENSION_ROOT), env=process_env(prefs),
+             expected_total=None, token: bool = False) -> Task:
+    return Task(kind, backend_command(python, *args), cwd=str(EXTENSION_ROOT), env=process_env(prefs, token),
                 timeout=timeout, document=document, key=key, expected_total=expected_total)
 
 
 def blender_python() -> str:
-    """Blender's own Python (installs and downloads need nothing else)."""
+    """Blender's own Python (Install Backend needs nothing else)."""
     return sys.executable
 
 

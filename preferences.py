@@ -8,7 +8,7 @@ from bpy.props import EnumProperty, StringProperty
 
 from . import environment
 from .backend.client import catalog, health_summary, server_url, session
-from .backend.hub import human_size
+from .backend.hub import hub_cache, human_size
 
 BACKEND_ITEMS = (
     ("LOCAL", "Local", "Run the models on this computer, in a backend process of their own"),
@@ -123,9 +123,10 @@ class ImageTo3DPreferences(bpy.types.AddonPreferences):
                     "request (Authorization: Bearer), never on a command line",
         subtype="PASSWORD", default="")
     hf_token: StringProperty(
-        name="Access Token",
-        description="Hugging Face access token, for gated model repositories (optional). Given to the download "
-                    "and backend processes in their environment (HF_TOKEN), never on a command line",
+        name="Hugging Face Token",
+        description="Hugging Face access token, for gated model repositories (optional; accept the terms on the "
+                    "model's page first). Given to the download process alone, in its environment (HF_TOKEN), "
+                    "never on a command line",
         subtype="PASSWORD", default="")
 
     def draw(self, context):
@@ -201,6 +202,7 @@ def draw_models(prefs, box, context):
     box.prop(prefs, "weights_dir")
     store = environment.model_store()
     box.label(text=f"Model store (Download puts files here): {store}")
+    box.label(text=f"Downloads go into the Hugging Face cache, linked from there: {hub_cache()}")
     if not environment.online():
         wrapped(box, environment.offline_reason() + ". Put the files into the folders named in the "
                 "messages, or allow online access.", icon="INTERNET_OFFLINE")

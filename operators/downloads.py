@@ -1,9 +1,14 @@
-"""Model files from the preferences: Download (with progress, Cancel, resume) and Accept Licence.
+"""Model files from the preferences: Download (with progress and Cancel) and Accept Licence.
 
-A download is ``<Blender's Python> -m backend download --model M --store <model store> --json``: the
-backend's downloader is standard-library only, so it runs before any backend environment exists. It never
-starts while Blender's *Allow Online Access* is off.
+A download is ``<backend Python> -m backend download --model M --store <model store> --json``, a one-shot
+backend command as Check is: it needs ``huggingface_hub``, which the backend's environment has and Blender's
+Python does not, so before a backend exists Download says to install one (bundling the library and its native
+dependencies as extension wheels would make the extension per-platform for a step that precedes nothing but
+the backend anyway). It never starts while Blender's *Allow Online Access* is off. The Hugging Face token goes
+into that process's environment alone.
 """
+
+import os
 
 import bpy
 from bpy.props import BoolProperty, StringProperty
@@ -27,9 +32,23 @@ def _known(model_id: str) -> bool:
         return False
 
 
+NO_BACKEND = ("Install the backend first (Backend Environment › Install Backend, or Use Existing Python): "
+              "downloads run in its Python")
+
+
+def why_not(context) -> str:
+    """Why Download cannot start now ('' when it can)."""
+    if not environment.online():
+        return environment.offline_reason()
+    python = preferences.backend_python(context)
+    if not python or not os.path.isfile(python):
+        return NO_BACKEND
+    return ""
+
+
 class IMAGE_TO_3D_OT_download_model(bpy.types.Operator):
-    """Download the model's files into the extension's model store, verified (size and sha256); an interrupted
-    download resumes"""
+    """Download the model's files into the Hugging Face cache (files already there are used), verified (size and
+    sha256), with the backend's Python"""
 
     bl_idname = "image_to_3d.download_model"
     bl_label = "Download"
@@ -40,15 +59,16 @@ class IMAGE_TO_3D_OT_download_model(bpy.types.Operator):
 
     @classmethod
     def poll(cls, context):
-        if not environment.online():
-            cls.poll_message_set(environment.offline_reason())
-            return False
-        return True
+        problem = why_not(context)
+        if problem:
+            cls.poll_message_set(problem)
+        return not problem
 
     def execute(self, context):
         model_id = self.model
-        if not environment.online():  # poll is not consulted by every caller
-            self.report({"ERROR"}, environment.offline_reason())
+        problem = why_not(context)  # poll is not consulted by every caller
+        if problem:
+            self.report({"ERROR"}, problem)
             return {"CANCELLED"}
         if not _known(model_id):
             self.report({"ERROR"}, f"Unknown model {model_id!r}")
@@ -67,18 +87,22 @@ class IMAGE_TO_3D_OT_download_model(bpy.types.Operator):
             if task.state == "done":
                 environment.OUTCOMES[key] = {"level": "INFO", "message": "Downloaded and verified", "hint": ""}
             elif task.state == "cancelled":
+                # huggingface_hub drops a file it did not finish (files already finished stay in the cache);
+                # only u2net's plain download keeps its part to resume.
                 kept = catalog.partial_bytes(model_id, store)
-                environment.OUTCOMES[key] = {"level": "INFO",
-                                             "message": f"Cancelled; {human_size(kept)} kept",
-                                             "hint": "Download again resumes where it stopped"}
+                environment.OUTCOMES[key] = {
+                    "level": "INFO", "message": f"Cancelled; {human_size(kept)} kept" if kept else "Cancelled",
+                    "hint": "Download again resumes where it stopped" if kept else
+                            "Download again keeps the files already finished and fetches the rest"}
             else:
                 error = task.error or {}
                 environment.OUTCOMES[key] = {"level": "ERROR", "message": error.get("message") or "Download failed",
                                              "hint": error.get("hint") or task.log_tail(1)}
 
         args = ["download", "--model", model_id, "--store", store, "--json"]
-        task = environment.new_task("download", environment.blender_python(), args, prefs, key=key,
-                                    expected_total=catalog.download_size(model_id))
+        task = environment.new_task("download", preferences.backend_python(context), args, prefs, key=key,
+                                    expected_total=catalog.download_size(model_id, store), token=True)
+        task.grace = 3.0  # Cancel: the download ends on SIGTERM, leaving no temporary file in the cache
         environment.start(key, task, done, block=bpy.app.background and not self.run_async)
         if task.finished:
             outcome = environment.OUTCOMES[key]

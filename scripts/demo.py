@@ -27,9 +27,12 @@ ADDON_ID = "image_to_3d"
 REPO = "image_to_3d_demo"
 
 
-def find_weights() -> Path:
+def find_weights(backend_python: Path) -> Path:
     """The model folder: IMAGE_TO_3D_WEIGHTS, else where the backend looks (model store, Hugging Face cache),
-    else a download of the official files into the model store. Fails fast when none of that works."""
+    else a download of the official files (``backend download`` in the backend's Python, which has
+    huggingface_hub). Fails fast when none of that works."""
+    import subprocess
+
     sys.path.insert(0, str(ROOT))
     from backend.errors import BackendError
     from backend.hub import human_size
@@ -42,22 +45,18 @@ def find_weights() -> Path:
     except BackendError as e:
         if named:
             sys.exit(f"demo: IMAGE_TO_3D_WEIGHTS: {e.message}")
-        print(f"demo: {e.message}; downloading them ({human_size(spec.download_size)}) into "
-              f"{registry.store_folder(spec)}", flush=True)
-    try:
-        return registry.fetch(spec.id, progress=_show_download).resolve()
-    except BackendError as e:
-        sys.exit(f"\ndemo: the TripoSR weights could not be had: {e.message}\n  {e.hint}\n"
-                 "  With a folder holding config.yaml and model.ckpt of https://huggingface.co/stabilityai/TripoSR:\n"
-                 "    IMAGE_TO_3D_WEIGHTS=/that/folder make demo\n"
-                 "  To try the whole path with the tiny test model instead:\n"
-                 "    IMAGE_TO_3D_WEIGHTS=tests/data/triposr_tiny make demo")
-
-
-def _show_download(done, total, rate):
-    from backend.hub import human_size
-
-    print(f"\r  {human_size(done)} of {human_size(total)} at {human_size(int(rate))}/s   ", end="", flush=True)
+        print(f"demo: {e.message}; downloading them ({human_size(spec.download_size)}) into the Hugging Face "
+              f"cache", flush=True)
+    download = subprocess.run([str(backend_python), "-m", "backend", "download", "--model", spec.id], cwd=ROOT,
+                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+    if download.returncode == 0:
+        return registry.find_folder(spec).resolve()
+    sys.exit("\ndemo: the TripoSR weights could not be had (above: why)\n"
+             f"  Put config.yaml and model.ckpt of https://huggingface.co/stabilityai/TripoSR into "
+             f"{registry.store_folder(spec)}, or with a folder holding them:\n"
+             "    IMAGE_TO_3D_WEIGHTS=/that/folder make demo\n"
+             "  To try the whole path with the tiny test model instead:\n"
+             "    IMAGE_TO_3D_WEIGHTS=tests/data/triposr_tiny make demo")
 
 
 def enable_addon(bpy, repo_dir: Path):
@@ -126,10 +125,10 @@ def main() -> int:
     parser.add_argument("--backend-python", default=str(ROOT / ".venv" / "bin" / "python"))
     args = parser.parse_args()
 
-    weights = find_weights()  # before the slow part: fail fast
     backend_python = Path(args.backend_python)
     if not backend_python.is_file():
         sys.exit(f"demo: backend Python {backend_python} not found; run `make venv` first")
+    weights = find_weights(backend_python)  # before the slow part: fail fast
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     user_dir = tempfile.mkdtemp(prefix="image_to_3d-demo-user-")

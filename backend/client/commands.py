@@ -46,6 +46,9 @@ class Task:
         self._log_lines: queue.Queue = queue.Queue()  # stderr's
         self._open_streams = 2
         self._cancelled = False
+        # Seconds a cancelled process gets to end on SIGTERM (its Ctrl+C: a download removes its temporary file)
+        # before it is killed; 0: killed at once.
+        self.grace = 0.0
         kwargs = {"start_new_session": True} if os.name == "posix" else {
             "creationflags": subprocess.CREATE_NEW_PROCESS_GROUP}
         try:
@@ -156,9 +159,16 @@ class Task:
         self.error = {"code": code, "message": message, "hint": hint}
         self.state = ERROR
 
-    def _kill(self) -> None:
+    def _kill(self, grace: float = 0.0) -> None:
         if self.process is None or self.process.poll() is not None:
             return
+        if grace and os.name == "posix":
+            try:
+                os.killpg(self.process.pid, signal.SIGTERM)
+                self.process.wait(grace)
+                return
+            except (ProcessLookupError, PermissionError, subprocess.TimeoutExpired):
+                pass
         try:
             if os.name == "posix":
                 os.killpg(self.process.pid, signal.SIGKILL)
@@ -176,7 +186,7 @@ class Task:
         if self.finished:
             return
         self._cancelled = True
-        self._kill()
+        self._kill(self.grace)
         self.state = CANCELLED
         self.returncode = self.process.returncode if self.process else None
 

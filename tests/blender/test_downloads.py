@@ -1,7 +1,10 @@
-"""The Download buttons against a stand-in hub on 127.0.0.1 (HF_ENDPOINT): the registry's own records, a
-file that fails verification, progress + Cancel + resume of a real-sized OpenLRM file, the access token in
-the environment only; and with Allow Online Access off, no process at all and the worker kept offline."""
+"""The Download buttons against a stand-in hub on 127.0.0.1 (HF_ENDPOINT): a one-shot backend command in the
+backend's Python (huggingface_hub), the registry's own records, a file that fails verification, progress + Cancel
+(nothing left half-written in the Hugging Face cache) + Download again of a real-sized OpenLRM file, the token in
+the download's environment only; with Allow Online Access off, or before a backend exists, no process at all
+and a message saying what to do."""
 
+import os
 import shutil
 import time
 from pathlib import Path
@@ -38,10 +41,13 @@ def download_processes() -> list[int]:
 @pytest.fixture
 def store(addon):
     folder = env().model_store()
-    shutil.rmtree(folder, ignore_errors=True)
+    cache = Path(os.environ["HF_HOME"]) / "hub"  # conftest's, where downloads go
+    for old in (folder, cache):
+        shutil.rmtree(old, ignore_errors=True)
     folder.mkdir(parents=True)
     yield folder
-    shutil.rmtree(folder, ignore_errors=True)
+    for old in (folder, cache):
+        shutil.rmtree(old, ignore_errors=True)
     env().OUTCOMES.clear()
 
 
@@ -55,6 +61,26 @@ def test_offline_the_download_button_is_greyed_out_and_starts_nothing(addon, sto
     text = prefs_text()
     assert "Allow Online Access is off" in text and "image_to_3d.download_model" in text
     assert f"Model store (Download puts files here): {store}" in text
+
+
+def test_before_a_backend_exists_download_says_to_install_one(addon, store, online, tmp_path):
+    before = prefs().backend_python
+    prefs().backend_python = str(tmp_path / "no-env" / "bin" / "python")
+    try:
+        assert not bpy.ops.image_to_3d.download_model.poll()
+        with pytest.raises(RuntimeError, match="Install the backend first"):
+            bpy.ops.image_to_3d.download_model(model="triposr")
+        assert env().TASKS == {} and download_processes() == []
+    finally:
+        prefs().backend_python = before
+    assert bpy.ops.image_to_3d.download_model.poll()
+
+
+def cache_files() -> list:
+    """Files in the Hugging Face cache (conftest's HF_HOME), the library's locks left out."""
+    root = Path(os.environ["HF_HOME"])
+    return [p for p in root.rglob("*") if (p.is_file() or p.is_symlink()) and ".locks" not in p.parts
+            and p.name != "CACHEDIR.TAG"]
 
 
 def sidebar_text() -> str:
@@ -90,12 +116,12 @@ def test_a_file_that_fails_verification_is_rejected_in_the_ui(addon, store, onli
     outcome = env().OUTCOMES["download:triposr"]
     assert outcome["level"] == "ERROR" and "removed, never loaded" in outcome["message"]
     assert "download it again" in outcome["hint"]
-    assert list((store / "triposr").iterdir()) == []
+    assert cache_files() == [] and not (store / "triposr").exists()
     assert "failed its checksum" in prefs_text()
     assert env().TASKS == {} and download_processes() == []
 
 
-def test_download_progress_cancel_and_resume(addon, store, online, config_dir, monkeypatch):
+def test_download_progress_cancel_and_again(addon, store, online, config_dir, monkeypatch):
     spec = registry().MODELS[SMALL]
     config, weights = spec.files
     base = f"/{spec.repo}/resolve/{config.revision}"
@@ -107,13 +133,14 @@ def test_download_progress_cancel_and_resume(addon, store, online, config_dir, m
 
         with pytest.raises(RuntimeError, match="Accept the licence"):  # before the first download
             bpy.ops.image_to_3d.download_model(model=SMALL)
-        assert hub.requests == [] and env().TASKS == {}
+        assert hub.requests == hub.heads == [] and env().TASKS == {}
         assert "image_to_3d.accept_licence" in prefs_text()
         assert bpy.ops.image_to_3d.accept_licence(model=SMALL) == {"FINISHED"}
 
         hub.delay = 0.01  # slow enough to cancel mid-way
         assert bpy.ops.image_to_3d.download_model(model=SMALL, run_async=True) == {"FINISHED"}
         task = env().TASKS[key]
+        assert task.args[0] == prefs().backend_python  # the backend's Python, which has huggingface_hub
         assert "hf_secret_token" not in " ".join(task.args) and task.env["HF_TOKEN"] == "hf_secret_token"
         assert bpy.app.timers.is_registered(env().tick)
         deadline = time.monotonic() + 60
@@ -126,22 +153,24 @@ def test_download_progress_cancel_and_resume(addon, store, online, config_dir, m
 
         assert bpy.ops.image_to_3d.cancel_task(key=key) == {"FINISHED"}
         assert task.state == "cancelled" and download_processes() == []
-        partial = store / SMALL / "model.safetensors.partial"
-        kept = partial.stat().st_size
-        assert kept >= 30 * 2**20 and not (store / SMALL / "model.safetensors").exists()
-        assert env().OUTCOMES[key]["message"].startswith("Cancelled;")
-        assert "fetched" in prefs_text()
+        # ended on SIGTERM: the library removed its temporary file; config.json, finished, stays in the cache
+        assert [p.name for p in cache_files() if ".incomplete" in p.name or p.name.startswith("zeros")] == []
+        assert [p.name for p in cache_files() if "snapshots" in p.parts] == ["config.json"]
+        assert not (store / SMALL / "model.safetensors").exists()
+        assert env().OUTCOMES[key]["message"] == "Cancelled"
         if bpy.app.timers.is_registered(env().tick):
             bpy.app.timers.unregister(env().tick)
 
         hub.delay = 0.0
         assert bpy.ops.image_to_3d.download_model(model=SMALL) == {"FINISHED"}
-        got = [r for r in hub.requests if r[0].endswith("model.safetensors")]
-        assert got[-1][1] is not None and int(got[-1][1][6:].rstrip("-")) >= kept  # resumed with a Range request
-        assert all(r[2] == "Bearer hf_secret_token" for r in hub.requests)
-    assert (store / SMALL / "model.safetensors").stat().st_size == weights.size and not partial.exists()
+        assert [r[0] for r in hub.requests].count(f"{base}/config.json") == 1  # not fetched twice
+        assert {r[1] for r in hub.heads + [(r[0], r[2]) for r in hub.requests]} == {"Bearer hf_secret_token"}
+    path = store / SMALL / "model.safetensors"
+    assert path.stat().st_size == weights.size and path.is_symlink()  # a link into the cache, no copy
+    assert Path(os.environ["HF_HOME"]) in Path(os.path.realpath(path)).parents
     assert (store / "checksums.json").is_file()  # the sha256 recorded on first download, enforced from then on
     assert env().OUTCOMES[key]["message"] == "Downloaded and verified"
     assert addon_module("backend.client.catalog").where_is(SMALL, store)[0] == "store"
     assert "Ready, downloaded" in prefs_text()
     prefs().hf_token = ""
+    assert "HF_TOKEN" not in env().process_env(prefs())  # the worker never gets it

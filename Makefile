@@ -112,6 +112,22 @@ demo: venv venv-bpy45
 clean:
 	rm -rf dist out .pytest_cache
 
+# The offline studio install (README "Offline studio install"):
+#   make wheelhouse PLATFORM=windows-x64|macos-arm64|linux-x64 PYTHON=3.11|3.13
+# fills wheels/<platform>-py<python>/ (ignored by git, left out of the extension) with every backend requirement
+# but torch; `python -m backend install --wheels DIR` (or Install Backend with the Wheelhouse Folder) installs from
+# it with no index. PYTHON here is the target's version (python3.11, the default, reads as 3.11).
+#   make test-wheelhouse   builds linux-x64 wheelhouses (3.11, 3.13) and installs each offline (tests/test_wheelhouse.py)
+PLATFORM ?= linux-x64
+WHEELHOUSE_PYTHON := $(patsubst python%,%,$(notdir $(PYTHON)))
+.PHONY: wheelhouse test-wheelhouse
+wheelhouse:
+	@test -x .venv/bin/python || { echo "make venv first (the wheelhouse is resolved with .venv's pip)" >&2; exit 1; }
+	.venv/bin/python scripts/wheelhouse.py --platform $(PLATFORM) --python $(WHEELHOUSE_PYTHON) --torch $(TORCH_VERSION)
+
+test-wheelhouse: venv
+	IMAGE_TO_3D_WHEELHOUSE_TESTS=1 .venv/bin/python -m pytest tests/test_wheelhouse.py -q $(PYTEST_ARGS)
+
 # The device check (scripts/device_check.py): on a GPU machine that has only a Python with torch and no network,
 #   make device-wheels            here, beforehand: the check's other requirements as wheels for that Python in
 #                                 .device-wheels/ (ignored; under 64 MB: no scipy (PyMCubes needs it), ray, onnxruntime, rembg, trimesh,

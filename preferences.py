@@ -108,6 +108,11 @@ class ImageTo3DPreferences(bpy.types.AddonPreferences):
         name="Package Index URL",
         description="Package index (a mirror or proxy) for the backend's requirements, passed to pip as "
                     "--index-url. Empty: pip's default", default="")
+    wheels_dir: StringProperty(
+        name="Wheelhouse Folder",
+        description="Install the backend from this folder of wheels alone, with no internet (a studio's offline "
+                    "install: make wheelhouse, plus a torch wheel for this machine). Empty: from the package indexes",
+        subtype="DIR_PATH", default="")
     torch_index_url: StringProperty(
         name="PyTorch Index URL",
         description="Package index for PyTorch. Empty: PyTorch's own index for the chosen build; 'pip': pip's "
@@ -170,8 +175,11 @@ def draw_backend(prefs, box, context):
     col = box.column()
     col.use_property_split = True
     col.prop(prefs, "torch_build")
-    col.prop(prefs, "package_index_url")
-    col.prop(prefs, "torch_index_url")
+    col.prop(prefs, "wheels_dir")
+    sub = col.column()
+    sub.active = not prefs.wheels_dir.strip()  # a wheelhouse needs no index
+    sub.prop(prefs, "package_index_url")
+    sub.prop(prefs, "torch_index_url")
     col.label(text=f"Installs into {environment.backend_env_dir()}")
 
 

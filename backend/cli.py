@@ -124,6 +124,9 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--torch-spec", default=None, help="pip requirement for torch (default 'torch>=2.3')")
     i.add_argument("--torch-index-url", help="package index for PyTorch ('pip': pip's own configuration)")
     i.add_argument("--index-url", help="package index for the other requirements (default: pip's)")
+    i.add_argument("--wheels", metavar="DIR",
+                   help="install from this wheelhouse folder alone, no network (make wheelhouse; put a torch "
+                        "wheel for the machine there too)")
     i.add_argument("--json", action="store_true", help="progress and the result as JSON lines")
     return p
 
@@ -201,7 +204,8 @@ def _install(args) -> int:
     try:
         report = install.install(Path(args.target), flavor=args.flavor,
                                  torch_spec=args.torch_spec or install.DEFAULT_TORCH_SPEC,
-                                 torch_index_url=args.torch_index_url, index_url=args.index_url, progress=progress)
+                                 torch_index_url=args.torch_index_url, index_url=args.index_url,
+                                 wheels=Path(args.wheels) if args.wheels else None, progress=progress)
     except BackendError as e:
         if args.json:
             print(json.dumps({"event": "error", **e.to_dict()}), flush=True)

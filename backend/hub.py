@@ -209,7 +209,7 @@ def download(f: RemoteFile, dest: Optional[Path] = None, *, checksums: Optional[
     the token only to the hub, redirects, the cache's layout and locks are the library's). ``dest``: for a file
     with its own URL (u2net), where it goes; for a hub file, a file already there (a folder of an earlier version)
     is used in place of the cache. Either way the file is hashed before it is trusted and removed if wrong."""
-    checksums = checksums or Checksums((Path(dest).parent if dest else hub_cache()) / "checksums.json")
+    checksums = checksums or Checksums(default_store() / "checksums.json")
     dest = Path(dest) if dest else None
     if dest is not None and dest.is_file() and (f.size is None or dest.stat().st_size == f.size):
         check_present(f, dest, checksums)
@@ -260,10 +260,6 @@ def _remove(path: Path) -> None:
             target.unlink()
 
 
-class _Interrupted(Exception):
-    pass
-
-
 def _check_space(folder: Path, needed: int) -> None:
     free = shutil.disk_usage(folder).free
     if free < needed + SPACE_MARGIN:
@@ -271,7 +267,7 @@ def _check_space(folder: Path, needed: int) -> None:
                             hint="Free some space or choose another model folder in the preferences.")
 
 
-def _bar(f: RemoteFile, progress, cancelled, before: int = 0):
+def _bar(f: RemoteFile, progress, cancelled):
     """A tqdm stand-in for the library's progress: it reports bytes to ``progress``, stops the download at once on
     ``cancelled`` (looked at with each chunk) and on a body longer than the file (the library would write on until
     the server stops): the exception ends the library's transfer and it removes its temporary file."""
@@ -294,7 +290,7 @@ def _bar(f: RemoteFile, progress, cancelled, before: int = 0):
                 raise Cancelled(f"download of {f.name} cancelled")
             now = time.monotonic()
             if progress and (now - self.last > 0.2 or self.n == self.total):
-                progress(before + self.n, self.total, (self.n - self.first) / max(now - self.started, 1e-6))
+                progress(self.n, self.total, (self.n - self.first) / max(now - self.started, 1e-6))
                 self.last = now
 
         def update_transfer(self, n=1):

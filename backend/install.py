@@ -72,9 +72,17 @@ def torch_index_for(flavor: str) -> Optional[str]:
 
 def install(target: Path, *, flavor: str = "auto", torch_spec: str = DEFAULT_TORCH_SPEC,
             torch_index_url: Optional[str] = None, index_url: Optional[str] = None,
-            progress: Optional[Callable[[str, float], None]] = None) -> dict:
+            wheels: Optional[Path] = None, progress: Optional[Callable[[str, float], None]] = None) -> dict:
     """Create or update the environment at ``target``; returns ``python -m backend check``'s report.
-    ``torch_index_url`` "pip" means pip's own configuration; None picks PyTorch's index for the flavour."""
+    ``torch_index_url`` "pip" means pip's own configuration; None picks PyTorch's index for the flavour.
+    ``wheels``: a wheelhouse folder (``make wheelhouse``, plus a torch wheel for the machine): everything is
+    installed from it alone (``--no-index --find-links``), no network needed; the index options are ignored."""
+    if wheels is not None:
+        wheels = Path(wheels).expanduser().resolve()
+        if not wheels.is_dir():
+            raise InstallError(f"wheelhouse folder not found: {wheels}",
+                               hint="Make one with `make wheelhouse PLATFORM=... PYTHON=...` on a machine with "
+                                    "internet and copy it here.")
     target = Path(target).expanduser().resolve()
     flavor = detect_flavor() if flavor == "auto" else flavor
     if flavor not in ("cuda", "rocm", "mps", "cpu"):
@@ -102,11 +110,15 @@ def install(target: Path, *, flavor: str = "auto", torch_spec: str = DEFAULT_TOR
             step("creating the environment", 0.02)
             run([sys.executable, "-m", "venv", target], "creating the virtual environment")
         pip = [python, "-m", "pip", "install", "--no-input"]
+        if wheels is not None:
+            pip += ["--no-index", "--find-links", wheels]
+            torch_index = index_url = None
         step(f"installing PyTorch ({flavor})", 0.1)
-        run(pip + [torch_spec] + (["--index-url", torch_index] if torch_index else []), f"installing PyTorch ({flavor})")
+        run(pip + [torch_spec] + (["--index-url", torch_index] if torch_index else []), f"installing PyTorch ({flavor})"
+            if wheels is None else f"installing PyTorch from {wheels} (it needs a torch wheel for this machine there)")
         step("installing the backend's requirements", 0.7)
         run(pip + ["-r", REQUIREMENTS] + (["--index-url", index_url] if index_url else []),
-            "installing the backend's requirements")
+            "installing the backend's requirements" + (f" from {wheels}" if wheels is not None else ""))
         step("checking the environment", 0.95)
         check = subprocess.run([python, "-m", "backend", "check"], capture_output=True, text=True, cwd=ROOT,
                                env={**os.environ, "PYTHONPATH": str(ROOT)})

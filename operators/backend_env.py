@@ -142,8 +142,16 @@ class IMAGE_TO_3D_OT_use_existing_python(bpy.types.Operator):
         return {"FINISHED"}
 
 
+def wheelhouse(prefs) -> str:
+    """The Wheelhouse Folder, absolute ('' when none is set)."""
+    folder = prefs.wheels_dir.strip() if prefs else ""
+    return os.path.abspath(bpy.path.abspath(folder)) if folder else ""
+
+
 def install_args(prefs) -> list:
     args = ["install", "--target", environment.backend_env_dir(), "--json", "--flavor", prefs.torch_build]
+    if wheelhouse(prefs):
+        return args + ["--wheels", wheelhouse(prefs)]  # everything from there: no index, no network
     if prefs.package_index_url.strip():
         args += ["--index-url", prefs.package_index_url.strip()]
     if prefs.torch_index_url.strip():
@@ -166,8 +174,9 @@ class IMAGE_TO_3D_OT_install_backend(bpy.types.Operator):
         if environment.running("install"):
             cls.poll_message_set("The backend is being installed")
             return False
-        if not environment.online():
-            cls.poll_message_set(environment.offline_reason().replace("downloads are", "installing is"))
+        if not environment.online() and not wheelhouse(preferences.get(context)):
+            cls.poll_message_set(environment.offline_reason().replace("downloads are", "installing is") +
+                                 " (a Wheelhouse Folder installs with no network)")
             return False
         return True
 

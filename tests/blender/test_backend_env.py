@@ -99,6 +99,26 @@ def test_install_backend_needs_online_access(clean):
     assert env().TASKS == {}
 
 
+def test_offline_a_wheelhouse_folder_installs_from_it_alone(clean, tmp_path, monkeypatch):
+    """Allow Online Access off, a Wheelhouse Folder set: Install Backend runs, with --wheels and no index. This
+    folder lacks a torch wheel, so pip (never reaching for the network) stops there and the message says so."""
+    assert not bpy.app.online_access
+    fresh_target()
+    no_local_packages(monkeypatch)
+    clean.wheels_dir, clean.package_index_url = str(tmp_path), "https://mirror.example/simple"
+    try:
+        assert bpy.ops.image_to_3d.install_backend.poll()
+        args = addon_module("operators.backend_env").install_args(clean)
+        assert args[args.index("--wheels") + 1] == str(tmp_path) and "--index-url" not in args
+        with pytest.raises(RuntimeError, match=f"installing PyTorch from {tmp_path} .*torch wheel.* failed"):
+            bpy.ops.image_to_3d.install_backend()
+        log = (env().backend_env_dir() / "install.log").read_text()
+        assert f"--no-index --find-links {tmp_path}" in log and "mirror.example" not in log
+    finally:
+        clean.wheels_dir, clean.package_index_url = "", ""
+    assert not bpy.ops.image_to_3d.install_backend.poll()
+
+
 def no_local_packages(monkeypatch):
     """pip sees only the index the preferences give: no pip.conf, no find-links (this machine has local
     wheels configured), no retries."""

@@ -322,7 +322,7 @@ def fetch(model_id: str, store: Optional[Path] = None, *, token: Optional[str] =
     """Make a model's files (or ``u2net``) present and verified; returns the model's folder in the store. Files are
     downloaded into the Hugging Face cache (or used there when already in it) and linked into ``<store>/<id>/``;
     u2net goes into ``<store>/u2net/``. ``progress(done, total, rate)`` counts bytes over all of the files."""
-    from ..hub import Checksums, download
+    from ..hub import Checksums, OfflineError, download
 
     store = Path(store or default_store())
     spec = None if model_id == "u2net" else get(model_id)
@@ -337,9 +337,14 @@ def fetch(model_id: str, store: Optional[Path] = None, *, token: Optional[str] =
                 progress(before + done, total, rate)
 
         dest = folder / f.path
-        path = download(f, dest if spec is None else _local(f, spec, store), checksums=checksums,
-                        token=token or os.environ.get("HF_TOKEN"), online=online, progress=report,
-                        cancelled=cancelled)
+        try:
+            path = download(f, dest if spec is None else _local(f, spec, store), checksums=checksums,
+                            token=token or os.environ.get("HF_TOKEN"), online=online, progress=report,
+                            cancelled=cancelled)
+        except OfflineError as e:  # where this model's files are looked for, not the cache's inner layout
+            raise OfflineError(e.message, hint=f"Put {f.path} from {f.repo} (revision {f.revision}) into {folder}, "
+                                               f"or allow online access (Blender: Preferences > System > "
+                                               f"Network).") from None
         if path != dest:
             if dest.is_file() or dest.is_symlink():
                 dest.unlink()  # an earlier version's file of the wrong size, or a link to a removed blob

@@ -11,6 +11,7 @@ STAGE_LABELS = {
     Stage.BACKGROUND: "Removing background",
     Stage.LOAD: "Loading model",
     Stage.VIEWS: "Generating views",
+    Stage.SHAPE: "Generating shape",
     Stage.ENCODE: "Encoding image",
     Stage.TRIPLANE: "Building triplanes",
     Stage.FIELD: "Recomputing the field",

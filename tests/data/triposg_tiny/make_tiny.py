@@ -70,10 +70,10 @@ def make(reference: Path):
     dit = TripoSGDiTModel(num_attention_heads=2, width=32, in_channels=8, num_layers=5, cross_attention_dim=24)
     _randomise(dit, 0.15, 2)
     vae = TripoSGVAEModel(in_channels=3, latent_channels=8, num_attention_heads=2, width_encoder=16, width_decoder=32,
-                          num_layers_encoder=1, num_layers_decoder=2, embed_frequency=4, embed_include_pi=True)
-    _randomise(vae, 0.3, 3)
+                          num_layers_encoder=1, num_layers_decoder=2, embed_frequency=3, embed_include_pi=True)
+    _randomise(vae, 0.12, 3)
     with torch.no_grad():  # an object: inside near the centre, outside towards the box
-        vae.decoder.proj_out.bias.fill_(0.6)
+        vae.decoder.proj_out.bias.fill_(0.2)
     scheduler = RectifiedFlowScheduler(num_train_timesteps=1000, shift=2.0, use_dynamic_shifting=False)
     pipe = TripoSGPipeline(vae=vae, transformer=dit, scheduler=scheduler, image_encoder_dinov2=dino,
                            feature_extractor_dinov2=extractor)
@@ -129,5 +129,38 @@ def record(pipe):
         print(r, "inside fraction", float((g > 0).mean()), "range", float(g.min()), float(g.max()))
 
 
+def manifest(reference: Path):
+    """Keys and shapes of the three weight files at the reference's default sizes (DiT 2048 wide, 21 layers; VAE
+    512/1024 wide, 8/16 layers; DINOv2-L/14): the layout of the official files, as far as the reference's defaults
+    are the official configs' (the hub was out of reach when this was written)."""
+    sys.path.insert(0, str(reference))
+    _stub_reference_imports()
+    from transformers import Dinov2Config, Dinov2Model
+
+    from triposg.models.autoencoders import TripoSGVAEModel
+    from triposg.models.transformers import TripoSGDiTModel
+
+    with torch.device("meta"):
+        parts = {"transformer": TripoSGDiTModel(), "vae": TripoSGVAEModel(),
+                 "image_encoder_dinov2": Dinov2Model(Dinov2Config(hidden_size=1024, num_hidden_layers=24,
+                                                                  num_attention_heads=16, image_size=518,
+                                                                  patch_size=14))}
+    out = {name: {k: list(v.shape) for k, v in m.state_dict().items()} for name, m in parts.items()}
+    # transformers 5 names DINOv2's projections q_proj...o_proj in memory; save_pretrained writes (and the official
+    # file, saved by transformers 4, has) the names below, as model/image_encoder_dinov2/model.safetensors shows
+    legacy = {"attention.q_proj.": "attention.attention.query.", "attention.k_proj.": "attention.attention.key.",
+              "attention.v_proj.": "attention.attention.value.", "attention.o_proj.": "attention.output.dense."}
+    renamed = {}
+    for k, v in out["image_encoder_dinov2"].items():
+        for old, new in legacy.items():
+            k = k.replace(old, new)
+        renamed[k] = v
+    out["image_encoder_dinov2"] = renamed
+    out["total_parameters"] = {name: sum(int(np.prod(s)) for s in keys.values()) for name, keys in out.items()}
+    (HERE.parent / "triposg_state_dict_manifest.json").write_text(json.dumps(out, indent=0, sort_keys=True) + "\n")
+    print(out["total_parameters"])
+
+
 if __name__ == "__main__":
     record(make(Path(sys.argv[1])))
+    manifest(Path(sys.argv[1]))

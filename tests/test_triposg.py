@@ -203,3 +203,19 @@ def test_other_schedulers_are_refused(tmp_path):
     path.write_text(json.dumps({**json.loads(path.read_text()), "use_dynamic_shifting": True}))
     with pytest.raises(WeightsError, match="scheduler_config.json.*use_dynamic_shifting"):
         triposg.read_config(folder)
+
+
+def test_cancel_stops_between_steps(model, image):
+    from backend.errors import Cancelled
+    from backend.options import Options
+    from backend.progress import Stages
+
+    seen = []
+
+    def progress(stage, fraction, message):
+        seen.append(message)
+
+    stages = Stages(progress, lambda: any(m == "shape step 1/5" for m in seen))
+    with pytest.raises(Cancelled):
+        model.make_planes(image, Options(model="triposg", steps=5), stages)
+    assert "shape step 1/5" in seen and "shape step 2/5" not in seen

@@ -49,6 +49,23 @@ def _randomise(module, std, seed):
                 p.copy_(std * torch.randn(p.shape, generator=g))
 
 
+def _blob(vae):
+    """One rounded object in the middle of the box rather than random folds: a strong direction u of the decoder's
+    query stream follows cos(πx) + cos(πy) + cos(πz) (the embedding's first cosines), and the output reads it,
+    so the field is about that sum less a constant, with the random layers' detail on top."""
+    g = torch.Generator().manual_seed(4)
+    d = vae.decoder
+    width = d.proj_query.weight.shape[0]
+    u = torch.randn(width, generator=g)
+    u = (u - u.mean()) / (u - u.mean()).norm()
+    n = vae.config.embed_frequency
+    cos_pi = [3 + 3 * n + i * n for i in range(3)]  # [p, sin(p·f), cos(p·f)], frequencies inner per coordinate
+    with torch.no_grad():
+        d.proj_query.weight[:, cos_pi] += 3.0 * u[:, None]
+        d.proj_out.weight.copy_(-2.0 * u[None] + 0.05 * torch.randn(d.proj_out.weight.shape, generator=g))
+        d.proj_out.bias.fill_(-0.6)
+
+
 def make(reference: Path):
     sys.path.insert(0, str(reference))
     _stub_reference_imports()
@@ -70,10 +87,9 @@ def make(reference: Path):
     dit = TripoSGDiTModel(num_attention_heads=2, width=32, in_channels=8, num_layers=5, cross_attention_dim=24)
     _randomise(dit, 0.15, 2)
     vae = TripoSGVAEModel(in_channels=3, latent_channels=8, num_attention_heads=2, width_encoder=16, width_decoder=32,
-                          num_layers_encoder=1, num_layers_decoder=2, embed_frequency=3, embed_include_pi=True)
-    _randomise(vae, 0.12, 3)
-    with torch.no_grad():  # an object: inside near the centre, outside towards the box
-        vae.decoder.proj_out.bias.fill_(0.2)
+                          num_layers_encoder=1, num_layers_decoder=2, embed_frequency=2, embed_include_pi=True)
+    _randomise(vae, 0.08, 3)
+    _blob(vae)
     scheduler = RectifiedFlowScheduler(num_train_timesteps=1000, shift=2.0, use_dynamic_shifting=False)
     pipe = TripoSGPipeline(vae=vae, transformer=dit, scheduler=scheduler, image_encoder_dinov2=dino,
                            feature_extractor_dinov2=extractor)

@@ -20,6 +20,7 @@ MIN_RESOLUTION, MAX_RESOLUTION = 32, 1024
 MAX_SOURCE_SIZE = 2048
 MAX_STEPS, MAX_GUIDANCE, MAX_SEED = 500, 30.0, 2**63 - 1
 DEFAULT_STEPS, DEFAULT_GUIDANCE, DEFAULT_SEED = 75, 4.0, 42  # InstantMesh's run.py (spec instantmesh.md §1.4)
+SHAPE_DEFAULTS = {"steps": 50, "guidance": 7.0, "seed": 42}  # TripoSG's scripts/inference_triposg.py
 VIEWS_SIZE = (640, 960)  # width, height of the six-view grid
 MIN_FACES, MAX_FACES = 100, 10_000_000
 MIN_TEXTURE, MAX_TEXTURE = 512, 4096

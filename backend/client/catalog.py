@@ -59,6 +59,18 @@ def draws_views(model_id: str) -> bool:
     return spec(model_id).multiview
 
 
+def draws_samples(model_id: str) -> bool:
+    """A diffusion model, of views (InstantMesh) or of the shape itself (TripoSG): steps, guidance and seed apply,
+    and no source size (its encoder's input size is fixed)."""
+    s = spec(model_id)
+    return s.multiview or getattr(s, "sampled", False)
+
+
+def sampling_defaults(model_id: str) -> dict:
+    """Steps, guidance and seed as the backend defaults them for this model."""
+    return dict(options.SHAPE_DEFAULTS) if getattr(spec(model_id), "sampled", False) else dict(VIEW_DEFAULTS)
+
+
 def uses_threshold(model_id: str) -> bool:
     """False where the model fixes its surface level (InstantMesh's mesh variants: SDF 0)."""
     return spec(model_id).default_threshold is not None

@@ -193,12 +193,12 @@ MODELS = {
              RemoteFile("stabilityai/TripoSR", TRIPOSR_REVISION, "model.ckpt", 1_677_246_742,
                         "429e2c6b22a0923967459de24d67f05962b235f79cde6b032aa7ed2ffcd970ee")),
             "MIT", 256, 25.0, _load_triposr, default_source_size=512),
-        *_openlrm_specs(),
-        *_instantmesh_specs(),
         ModelSpec("triposg", "TripoSG", TRIPOSG_REPO,
                   tuple(RemoteFile(TRIPOSG_REPO, TRIPOSG_REVISION, path) for path in TRIPOSG_FILES), "MIT", 512, None,
                   _load_triposg, preprocessing="triposg", patch_size=14, sampled=True,
                   resolutions=(128, 256, 512, 1024)),
+        *_openlrm_specs(),
+        *_instantmesh_specs(),
     )
 }
 # Short names: OpenLRM's "mix" weights (more, and real-world, training data); InstantMesh's large models.

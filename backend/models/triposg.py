@@ -23,6 +23,7 @@ from torch import nn
 from .. import devices, surface
 from ..errors import InputError, WeightsError, first_line
 from ..mesh import Mesh
+from ..options import SHAPE_DEFAULTS
 from ..protocol import Stage
 from .checkpoint import check_state_dict
 from .rectified_flow import FlowConfig, sample
@@ -30,7 +31,7 @@ from .triposg_dit import DiTConfig, TripoSGDiT
 from .triposg_image import Dinov2, Dinov2Config, ImagePrep
 from .triposg_vae import ENCODER_PREFIXES, FourierEmbedding, ShapeVAE, VAEConfig
 
-STEPS, GUIDANCE, SEED = 50, 7.0, 42  # the reference's defaults (scripts/inference_triposg.py)
+STEPS, GUIDANCE, SEED = SHAPE_DEFAULTS["steps"], SHAPE_DEFAULTS["guidance"], SHAPE_DEFAULTS["seed"]
 NUM_TOKENS = 2048  # latent tokens, the reference pipeline's default
 BOX = 1.005  # the reference's bounds: the grid spans [-BOX, BOX]³
 RESOLUTIONS = (128, 256, 512, 1024)  # grid points per axis (the reference's octree depths 7..10)

@@ -63,10 +63,11 @@ def apply_model_defaults(settings) -> None:
 
 def _model_changed(self, context):
     apply_model_defaults(self)
-    if catalog.draws_samples(self.model):  # InstantMesh's views and TripoSG's shape have their own defaults
-        for name, value in catalog.sampling_defaults(self.model).items():
-            if name != "seed" and getattr(self, name) != value:
-                setattr(self, name, value)
+    if catalog.draws_samples(self.model):  # InstantMesh's views and TripoSG's shape have their own defaults:
+        own = catalog.sampling_defaults(self.model)  # a value still at some model's default follows the model
+        for name in ("steps", "guidance"):
+            if getattr(self, name) in (catalog.VIEW_DEFAULTS[name], catalog.SHAPE_DEFAULTS[name]):
+                setattr(self, name, own[name])
 
 
 def _marks_custom(name):

@@ -219,3 +219,18 @@ def test_cancel_stops_between_steps(model, image):
     with pytest.raises(Cancelled):
         model.make_planes(image, Options(model="triposg", steps=5), stages)
     assert "shape step 1/5" in seen and "shape step 2/5" not in seen
+
+
+def test_half_precision_keeps_the_latents_close(model, expected, image):
+    """--precision bf16 (fp16 on CUDA/MPS under auto, as the reference runs there): the encoder and the DiT in
+    the half type, the latents and the decoder in fp32; within 3 % of the fp32 reference on the tiny model."""
+    from backend.options import Options
+    from backend.progress import Stages
+
+    run = META["runs"]["cfg_seed0"]
+    options = Options(model="triposg", steps=META["steps"], guidance=run["guidance"], seed=run["seed"],
+                      precision="bf16")
+    latents, used = model.make_planes(image, options, Stages(None, None))
+    ref = expected["latents_cfg_seed0"][-1]
+    assert used["precision"] == "bf16" and latents.dtype == torch.float32
+    assert np.abs(latents[0].numpy() - ref).max() <= 0.03 * np.abs(ref).max()

@@ -51,6 +51,7 @@ def defaults(model_id: str) -> dict:
 # A multi-view model's view-generation settings, as the backend defaults and bounds them.
 VIEW_DEFAULTS = {"steps": options.DEFAULT_STEPS, "guidance": options.DEFAULT_GUIDANCE, "seed": options.DEFAULT_SEED}
 MAX_STEPS, MAX_GUIDANCE = options.MAX_STEPS, options.MAX_GUIDANCE
+SHAPE_DEFAULTS = dict(options.SHAPE_DEFAULTS)  # TripoSG's shape
 
 
 def draws_views(model_id: str) -> bool:
@@ -68,7 +69,7 @@ def draws_samples(model_id: str) -> bool:
 
 def sampling_defaults(model_id: str) -> dict:
     """Steps, guidance and seed as the backend defaults them for this model."""
-    return dict(options.SHAPE_DEFAULTS) if getattr(spec(model_id), "sampled", False) else dict(VIEW_DEFAULTS)
+    return dict(SHAPE_DEFAULTS) if getattr(spec(model_id), "sampled", False) else dict(VIEW_DEFAULTS)
 
 
 def uses_threshold(model_id: str) -> bool:

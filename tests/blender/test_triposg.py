@@ -41,8 +41,8 @@ def test_the_panel_shows_steps_guidance_seed_and_the_cpu_warning(settings):
     assert {k: options[k] for k in ("model", "steps", "guidance", "seed", "resolution")} == {
         "model": MODEL, "steps": STEPS, "guidance": 7.0, "seed": SEED, "resolution": None}
     assert "threshold" not in options and "source_size" not in options
-    settings.model = "instantmesh-large"
-    assert (settings.steps, settings.guidance) == (75, 4.0)
+    settings.model = "instantmesh-large"  # the guidance was still TripoSG's default: InstantMesh's now; the steps
+    assert (settings.steps, settings.guidance) == (STEPS, 4.0)  # were the user's: kept
     settings.model = "triposr"
     assert "'steps'" not in panel_text()
 
@@ -79,6 +79,7 @@ def test_generate_imports_a_grey_mesh_then_retopologize_and_bake(settings):
     assert bpy.ops.ed.undo() == {"FINISHED"}
     assert name not in bpy.data.objects, "one undo step removes the generated object"
 
+    settings = bpy.context.scene.image_to_3d  # the undo rebuilt the scene's data
     assert bpy.ops.image_to_3d.generate() == {"FINISHED"}, settings.last_error
     obj = bpy.context.active_object
     settings.faces = 500

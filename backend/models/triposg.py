@@ -46,10 +46,8 @@ WEIGHTS = {"image_encoder_dinov2": "image_encoder_dinov2/model.safetensors",
 FILES = tuple(CONFIGS.values()) + tuple(WEIGHTS.values())
 COMPONENTS = ("vae", "transformer", "scheduler", "image_encoder_dinov2", "feature_extractor_dinov2")
 FLOAT_TYPES = {"F32", "F16", "BF16"}  # the file's type; the weights are kept as float32 (autocast runs half)
-# Bytes a decoder query holds at once per unit of width, per attention head and latent token (fp32 activations,
-# the attention scores, the MLP's 4× width), with room to spare: sizes the query chunks to free memory.
 QUERY_ROWS = 256  # chunks are padded to a multiple of this: a point's value does not depend on its chunk
-MIN_CHUNK, MAX_CHUNK = 4096, 1 << 17
+MIN_CHUNK, MAX_CHUNK = 4096, 1 << 17  # decoder queries per call, sized to free memory (query_chunk)
 
 
 @dataclass(frozen=True)

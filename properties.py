@@ -63,6 +63,11 @@ def apply_model_defaults(settings) -> None:
 
 def _model_changed(self, context):
     apply_model_defaults(self)
+    if catalog.draws_samples(self.model):  # InstantMesh's views and TripoSG's shape have their own defaults:
+        own = catalog.sampling_defaults(self.model)  # a value still at some model's default follows the model
+        for name in ("steps", "guidance"):
+            if getattr(self, name) in (catalog.VIEW_DEFAULTS[name], catalog.SHAPE_DEFAULTS[name]):
+                setattr(self, name, own[name])
 
 
 def _marks_custom(name):
@@ -81,7 +86,7 @@ def effective(settings) -> dict:
     values = catalog.defaults(settings.model)
     out = {name: (getattr(settings, name) if getattr(settings, f"use_custom_{name}") else values[name])
            for name in customizable(settings.model)}
-    if catalog.draws_views(settings.model):
+    if catalog.draws_samples(settings.model):
         out.update({name: getattr(settings, name) for name in VIEW_SETTINGS})
     else:
         out["source_size"] = settings.source_size or values["source_size"]

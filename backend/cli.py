@@ -45,10 +45,11 @@ def _parser() -> argparse.ArgumentParser:
                         "<stem>-3... in input order")
     g.add_argument("--model", default="triposr",
                    help="model id: triposr, openlrm-{obj,mix}-{small,base,large} or openlrm-{small,base,large} "
-                        "(the mix weights), instantmesh-{large,base} (default: triposr)")
+                        "(the mix weights), instantmesh-{large,base}, triposg (default: triposr)")
     g.add_argument("--weights", metavar="DIR", help="model folder in the official layout")
     g.add_argument("--resolution", type=int,
-                   help="marching-cubes grid, 32..1024 (default: the model's, 256 TripoSR, 384 OpenLRM)")
+                   help="marching-cubes grid, 32..1024 (default: the model's, 256 TripoSR, 384 OpenLRM; TripoSG: 128, "
+                        "256, 512 (default) or 1024)")
     g.add_argument("--threshold", type=float,
                    help="density threshold of the surface (default: the model's, 25.0 TripoSR, 3.0 OpenLRM)")
     g.add_argument("--foreground-ratio", type=float,
@@ -59,14 +60,15 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--accept-licence", action="store_true",
                    help="accept the weights' licence where it restricts use (OpenLRM, InstantMesh: CC BY-NC 4.0, "
                         "non-commercial); remembered, so needed once")
-    v = g.add_argument_group("multi-view models (instantmesh-*)")
+    v = g.add_argument_group("diffusion models (instantmesh-*: the views; triposg: the shape)")
     v.add_argument("--views", metavar="GRID.png",
                    help="a 960x640 grid of the six views (3 rows x 2 columns): reconstruct it directly, with no "
                         "input image, background removal or view generation")
     v.add_argument("--save-views", metavar="PATH.png", help="also write the generated six-view grid")
-    v.add_argument("--steps", type=int, metavar="N", help="diffusion steps, 1..500 (default 75)")
-    v.add_argument("--guidance", type=float, metavar="G", help="classifier-free guidance scale, 1..30 (default 4.0)")
-    v.add_argument("--seed", type=int, metavar="S", help="random seed of the view generation (default 42)")
+    v.add_argument("--steps", type=int, metavar="N", help="diffusion steps, 1..500 (default 75 InstantMesh, 50 TripoSG)")
+    v.add_argument("--guidance", type=float, metavar="G", help="classifier-free guidance scale, 1..30 (default 4.0 InstantMesh, "
+                   "7.0 TripoSG; 1 = no guidance, half the work)")
+    v.add_argument("--seed", type=int, metavar="S", help="random seed of the views or the shape (default 42)")
     o = g.add_argument_group("output (every model)")
     o.add_argument("--faces", type=int, metavar="N",
                    help="reduce to about N faces (quadric edge collapse), N >= 100 (default: as extracted)")
@@ -169,6 +171,7 @@ def _download(args) -> int:
     try:
         if args.model != "u2net":
             licences.accept_or_refuse(registry.get(args.model), args.accept_licence)
+            _list_files(registry.get(args.model))
         folder = registry.fetch(args.model, args.store, token=args.token, online=False if args.offline else None,
                                 progress=progress)
     except BackendError as e:
@@ -182,6 +185,19 @@ def _download(args) -> int:
     else:
         print(f"\n{args.model}: files verified in {folder}", file=sys.stderr)
     return 0
+
+
+def _list_files(spec) -> None:
+    """What a download brings, on stderr (the log, under --json too): each file with its size ("about" where
+    none is published yet)."""
+    from .hub import human_size
+    from .models import registry
+
+    sizes = [(f.path, f.size or registry.APPROX_BYTES.get((f.repo, f.path))) for f in spec.files]
+    exact = all(f.size is not None for f in spec.files)
+    shown = ", ".join(f"{p} ({human_size(b) if b else 'small'})" for p, b in sizes)
+    print(f"{spec.id}: {len(sizes)} files, {'' if exact else 'about '}{human_size(registry.approx_size(spec.files))}: "
+          f"{shown}", file=sys.stderr)
 
 
 def _check(args) -> int:

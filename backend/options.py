@@ -20,11 +20,12 @@ MIN_RESOLUTION, MAX_RESOLUTION = 32, 1024
 MAX_SOURCE_SIZE = 2048
 MAX_STEPS, MAX_GUIDANCE, MAX_SEED = 500, 30.0, 2**63 - 1
 DEFAULT_STEPS, DEFAULT_GUIDANCE, DEFAULT_SEED = 75, 4.0, 42  # InstantMesh's run.py (spec instantmesh.md §1.4)
+SHAPE_DEFAULTS = {"steps": 50, "guidance": 7.0, "seed": 42}  # TripoSG's scripts/inference_triposg.py
 VIEWS_SIZE = (640, 960)  # width, height of the six-view grid
 MIN_FACES, MAX_FACES = 100, 10_000_000
 MIN_TEXTURE, MAX_TEXTURE = 512, 4096
 # The object's share of the frame after preprocessing, per recipe (the references' defaults).
-FOREGROUND_RATIO = {"triposr": 0.85, "openlrm": 0.8, "instantmesh": 0.85}
+FOREGROUND_RATIO = {"triposr": 0.85, "openlrm": 0.8, "instantmesh": 0.85, "triposg": 1 / 1.2}
 DEFAULT_BAKE_SIZE = 1024  # Bake from Model when neither the request nor the object names a texture size
 
 
@@ -115,9 +116,17 @@ def check_model_options(spec, options: Options) -> None:
                       f"{spec.display_name} reconstructs from generated views of a fixed size"))
         if options.views is not None:
             rules.append((drawing, "the views are given, so no image is prepared and no views are generated"))
+    elif getattr(spec, "sampled", False):  # a diffusion model draws the shape itself (TripoSG)
+        rules.append(({"--views": options.views, "--save-views": options.save_views,
+                       "--source-size": options.source_size},
+                      f"{spec.display_name} draws the shape from the image (no views; its encoder's size is fixed)"))
     else:
         rules.append(({"--views": options.views, **drawing},
                       f"{spec.display_name} reconstructs from the image alone (no view generation)"))
+    allowed = getattr(spec, "resolutions", None)
+    if allowed and options.resolution is not None and int(options.resolution) not in allowed:
+        raise InputError(f"{spec.display_name} takes a resolution of {', '.join(map(str, allowed))}, "
+                         f"got {options.resolution}")
     for unused, why in rules:
         given = [name for name, value in unused.items() if value is not None]
         if given:

@@ -50,7 +50,7 @@ def bake(image_path, options: Options, vertices, corner_verts, loop_totals, uvs=
         spec, model, planes, used, options = _field(_source(image_path), options, stages, model_cache,
                                                     field_cache)
         uvs, texture, stats = bake_polygons(vertices, corner_verts, loop_totals, uvs, model.colour_field(planes),
-                                            int(options.texture), stages)
+                                            int(options.texture), stages, options.model)
         stats.update(used, **_finish_stats(spec, options, stages))
         return uvs, texture, stats
     except Exception as e:

@@ -8,6 +8,8 @@ Three recipes, one per reference, sharing loading, background removal and the ob
   then its runner: composite on white, bicubic resize to the encoder's source size.
 - ``instantmesh``: InstantMesh's ``run.py`` (spec ``instantmesh.md`` §1.2): TripoSR's crop and padding to
   85 %, left transparent (RGBA): Zero123++ composites it on white itself.
+- ``triposg``: TripoSG's ``scripts/image_process.py``: composite on white, crop to the object, pad a tenth of its
+  longest side around it (:func:`frame_on_white`); its extractor squares and resizes it.
 numpy and PIL only at import time; rembg and torch are imported by the functions that need them.
 """
 
@@ -386,6 +388,27 @@ def resize_foreground(rgba: np.ndarray, ratio: float) -> np.ndarray:
     return np.pad(fg, ((p, new_size - size - p), (p, new_size - size - p), (0, 0)))
 
 
+def frame_on_white(rgba: np.ndarray, ratio: float) -> np.ndarray:
+    """TripoSG's framing: blend over white (float32, truncated to bytes), crop to the alpha>0 box (last row and
+    column included), pad with white so the longest side fills ``ratio`` (1/1.2: a tenth of it on each side) and
+    the other side is centred; one pixel from square where the sides differ by an odd count, as the reference."""
+    _check_ratio(ratio)
+    mask = rgba[..., 3] > 0
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    if rows.size == 0:
+        foreground_box(rgba)  # raises the usual "nothing to reconstruct"
+    a = rgba[..., 3:4].astype(np.float32) / 255.0
+    rgb = rgba[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1, :3].astype(np.float32) / 255.0
+    a = a[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+    rgb = rgb * a + (1 - a)
+    h, w = rgb.shape[:2]
+    long_pad = int(round(max(h, w) * (1 / ratio - 1) / 2, 9))
+    short_pad = int(long_pad + abs(w - h) / 2)
+    py, px = (short_pad, long_pad) if w > h else (long_pad, short_pad)
+    rgb = np.pad(rgb, ((py, py), (px, px), (0, 0)), constant_values=1.0)
+    return (rgb * 255).astype(np.uint8)
+
+
 def composite_on_gray(rgba: np.ndarray) -> np.ndarray:
     """Blend over 50 % gray in float32 and truncate to uint8, exactly as the reference (background = 127)."""
     a = rgba.astype(np.float32) / 255.0
@@ -401,7 +424,7 @@ def pad_to_square(rgb: np.ndarray, value: int = GRAY) -> np.ndarray:
     return np.pad(rgb, ((ph, size - h - ph), (pw, size - w - pw), (0, 0)), constant_values=value)
 
 
-RECIPES = ("triposr", "openlrm", "instantmesh")
+RECIPES = ("triposr", "openlrm", "instantmesh", "triposg")
 
 
 def prepare(image: Image.Image, *, recipe: str = "triposr", remove_background: bool = True,
@@ -429,6 +452,8 @@ def prepare(image: Image.Image, *, recipe: str = "triposr", remove_background: b
     _check_ratio(ratio)
     real_alpha = has_real_alpha(image)
     if not real_alpha and not remove_background:
+        if recipe == "triposg":
+            return pad_to_square(np.asarray(image.convert("RGB")), 255)
         if recipe in ("openlrm", "instantmesh"):
             return np.asarray(image)
         return pad_to_square(np.asarray(image.convert("RGB")))
@@ -438,6 +463,8 @@ def prepare(image: Image.Image, *, recipe: str = "triposr", remove_background: b
             rgba = np.asarray(_remove_background(Image.fromarray(rgba[..., :3]), u2net_path))
         return recenter(rgba, RECENTER_SIZE, ratio)
     rgba = image if real_alpha else _remove_background(image, u2net_path)
+    if recipe == "triposg":
+        return frame_on_white(np.asarray(rgba.convert("RGBA")), ratio)
     framed = resize_foreground(np.asarray(rgba.convert("RGBA")), ratio)
     return framed if recipe == "instantmesh" else composite_on_gray(framed)
 

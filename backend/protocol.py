@@ -46,6 +46,7 @@ class Stage:
     LOAD = "loading_model"
     BACKGROUND = "removing_background"
     VIEWS = "generating_views"
+    SHAPE = "generating_shape"  # a native 3D model's diffusion steps (TripoSG)
     ENCODE = "encoding"
     TRIPLANE = "building_triplanes"
     FIELD = "recomputing_field"  # a cached field is gone: the image is encoded again (the usual stages follow)
@@ -56,4 +57,4 @@ class Stage:
     BAKE = "baking_texture"
     QUEUED = "waiting_in_queue"  # a shared server whose GPUs are all busy: the message says the place
 
-    ALL = (BACKGROUND, LOAD, VIEWS, ENCODE, TRIPLANE, FIELD, SURFACE, COLOR, REDUCE, UNWRAP, BAKE, QUEUED)
+    ALL = (BACKGROUND, LOAD, VIEWS, SHAPE, ENCODE, TRIPLANE, FIELD, SURFACE, COLOR, REDUCE, UNWRAP, BAKE, QUEUED)

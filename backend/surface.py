@@ -173,7 +173,7 @@ def coarse_to_fine(field, resolution: int, threshold: float, on_fraction=None, s
     corners = torch.clamp(torch.arange(n + 1, device=sampler.device) * step, max=r - 1)
     coarse = sampler(((corners[:, None, None] * r + corners[None, :, None]) * r + corners[None, None, :]),
                      progress.part(0))
-    chosen, margin = candidate_blocks(coarse, log_level(coarse, threshold), margin_scale)
+    chosen, margin = candidate_blocks(coarse, sampler.level(coarse), margin_scale)
     at = torch.nonzero(chosen)
     blocks = at * step
     values = torch.stack([coarse[at[:, 0] + i, at[:, 1] + j, at[:, 2] + k] for i, j, k in CHILDREN.tolist()],
@@ -202,6 +202,11 @@ class _Sampler:
         self.device = _mc_device(getattr(field, "device", torch.device("cpu")))
         self.coords = grid_coords(resolution, field.radius)
         self.evaluations = 0
+
+    def level(self, g: torch.Tensor) -> torch.Tensor:
+        """The scale the guard measures curvature on: a signed field's (``field.signed``: an SDF, TripoSG's)
+        own value, evenly varying already; a density's :func:`log_level`."""
+        return g if getattr(self.field, "signed", False) else log_level(g, self.threshold)
 
     def __call__(self, keys: torch.Tensor, on_fraction=None) -> torch.Tensor:
         """Values at the grid points ``keys`` (any shape), each distinct point evaluated once, in sorted
@@ -276,7 +281,7 @@ def refine(sampler: _Sampler, blocks: torch.Tensor, values: torch.Tensor, margin
         keep = (flat <= 0).any(-1) & (flat > 0).any(-1)
         half_margin = margin / MARGIN_SHRINK
         if half > 1 and margin_scale:
-            levels = log_level(flat, sampler.threshold)
+            levels = sampler.level(flat)
             lo, hi = levels.amin(-1), levels.amax(-1)
             keep |= torch.where(lo > 0, lo, -hi) <= half_margin[:, None]
         at = corner[:, None, :] + CHILDREN.to(corner.device) * half  # (N, 8, 3)

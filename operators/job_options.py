@@ -40,7 +40,7 @@ def job_options(settings, prefs) -> dict:
     }
     if catalog.uses_threshold(settings.model):
         options["threshold"] = round(float(settings.threshold), 6) if settings.use_custom_threshold else None
-    if catalog.draws_views(settings.model):
+    if catalog.draws_samples(settings.model):
         options.update(steps=int(settings.steps), guidance=round(float(settings.guidance), 4), seed=int(settings.seed))
     else:
         options["source_size"] = int(settings.source_size) or None

@@ -11,6 +11,7 @@ STAGE_LABELS = {
     Stage.BACKGROUND: "Removing background",
     Stage.LOAD: "Loading model",
     Stage.VIEWS: "Generating views",
+    Stage.SHAPE: "Generating shape",
     Stage.ENCODE: "Encoding image",
     Stage.TRIPLANE: "Building triplanes",
     Stage.FIELD: "Recomputing the field",
@@ -171,13 +172,17 @@ def runs_on_cpu(settings, context) -> bool:
 
 
 def draw_view_settings(layout, settings, context):
-    """Stage 1 of a multi-view model: the six views drawn by diffusion (kept as an image afterwards)."""
+    """A diffusion model's steps: stage 1 of a multi-view model (six views, kept as an image afterwards), or
+    TripoSG's shape drawn from noise."""
+    views = catalog.draws_views(settings.model)
     col = layout.column(align=True)
-    col.label(text="Six views, then the mesh", icon="IMAGE_REFERENCE")
+    col.label(text="Six views, then the mesh" if views else "The shape, drawn from noise",
+              icon="IMAGE_REFERENCE" if views else "MESH_ICOSPHERE")
     for name in properties.VIEW_SETTINGS:
         col.prop(settings, name)
     if runs_on_cpu(settings, context):
-        wrapped(layout.box(), f"On the CPU each of the {settings.steps} steps takes tens of seconds: use a GPU, "
+        step = "tens of seconds" if views else "minutes (guidance 1: half that)"
+        wrapped(layout.box(), f"On the CPU each of the {settings.steps} steps takes {step}: use a GPU, "
                 "or fewer steps for a draft", icon="INFO")
 
 
@@ -201,7 +206,7 @@ class IMAGE_TO_3D_PT_sidebar(SidebarTab, bpy.types.Panel):
         draw_image(layout, settings)
 
         draw_model(layout, settings, context)
-        if catalog.draws_views(settings.model):
+        if catalog.draws_samples(settings.model):
             draw_view_settings(layout, settings, context)
         col = layout.column(align=True)
         for name in properties.customizable(settings.model):
@@ -246,8 +251,8 @@ class IMAGE_TO_3D_PT_advanced(SidebarTab, bpy.types.Panel):
         if settings is None:
             return
         layout.prop(settings, "precision")
-        if catalog.draws_views(settings.model):
-            return  # the views have a fixed size: no source size to set
+        if catalog.draws_samples(settings.model):
+            return  # the views (TripoSG: its encoder's input) have a fixed size: no source size to set
         layout.prop(settings, "source_size")
         values = properties.effective(settings)
         layout.label(text=f"Encoder input: {values['source_size']} px" if not settings.source_size

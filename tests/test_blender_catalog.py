@@ -32,7 +32,12 @@ def test_catalogue_mirrors_the_backend_defaults():
     assert [i[0] for i in catalog.model_items()] == list(registry.MODELS)
     assert [m for m in registry.MODELS if catalog.draws_views(m)] == [
         "instantmesh-large", "instantmesh-base", "instantnerf-large", "instantnerf-base"]
-    assert [m for m in registry.MODELS if not catalog.uses_threshold(m)] == ["instantmesh-large", "instantmesh-base"]
+    assert [m for m in registry.MODELS if not catalog.uses_threshold(m)] == [
+        "triposg", "instantmesh-large", "instantmesh-base"]
+    assert [m for m in registry.MODELS if catalog.draws_samples(m)] == [
+        "triposg", "instantmesh-large", "instantmesh-base", "instantnerf-large", "instantnerf-base"]
+    assert catalog.sampling_defaults("triposg") == {"steps": 50, "guidance": 7.0, "seed": 42}
+    assert catalog.sampling_defaults("instantmesh-base") == catalog.VIEW_DEFAULTS
     assert catalog.defaults("instantnerf-base")["threshold"] == 10.0 and catalog.defaults("instantnerf-base")[
         "resolution"] == 256
     assert catalog.defaults("triposr") == {"resolution": 256, "threshold": 25.0, "foreground_ratio": 0.85,

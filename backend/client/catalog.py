@@ -51,12 +51,25 @@ def defaults(model_id: str) -> dict:
 # A multi-view model's view-generation settings, as the backend defaults and bounds them.
 VIEW_DEFAULTS = {"steps": options.DEFAULT_STEPS, "guidance": options.DEFAULT_GUIDANCE, "seed": options.DEFAULT_SEED}
 MAX_STEPS, MAX_GUIDANCE = options.MAX_STEPS, options.MAX_GUIDANCE
+SHAPE_DEFAULTS = dict(options.SHAPE_DEFAULTS)  # TripoSG's shape
 
 
 def draws_views(model_id: str) -> bool:
     """A multi-view model (InstantMesh): it draws six views first (steps, guidance, seed), then meshes them
     from their fixed size (no source size)."""
     return spec(model_id).multiview
+
+
+def draws_samples(model_id: str) -> bool:
+    """A diffusion model, of views (InstantMesh) or of the shape itself (TripoSG): steps, guidance and seed apply,
+    and no source size (its encoder's input size is fixed)."""
+    s = spec(model_id)
+    return s.multiview or getattr(s, "sampled", False)
+
+
+def sampling_defaults(model_id: str) -> dict:
+    """Steps, guidance and seed as the backend defaults them for this model."""
+    return dict(SHAPE_DEFAULTS) if getattr(spec(model_id), "sampled", False) else dict(VIEW_DEFAULTS)
 
 
 def uses_threshold(model_id: str) -> bool:

@@ -40,6 +40,8 @@ class ModelSpec:
     kind: str = "single"
     # MULTIVIEW: the files the second stage needs alone (ready-made views, ``--views``); None = all of them.
     views_stage_files: Optional[tuple] = None
+    sampled: bool = False  # a diffusion model draws the shape (--steps, --guidance, --seed apply): TripoSG
+    resolutions: Optional[tuple] = None  # the grid sizes the model takes; None = any within the limits
 
     @property
     def multiview(self) -> bool:
@@ -161,6 +163,27 @@ def _instantmesh_specs():
             views_stage_files=(ckpt.path,))
 
 
+# TripoSG (VAST-AI/TripoSG, MIT): the official diffusers folder, read unchanged. Written without access to the
+# hub: the revision is not pinned and no size or sha256 is known yet (recorded on first download, as above); the
+# estimates are the parameter counts of the reference's default sizes (tests/data/triposg_state_dict_manifest.json)
+# in float16 for the DiT and the VAE, float32 for DINOv2-L, shown to the user only. Pin them once seen.
+TRIPOSG_REPO, TRIPOSG_REVISION = "VAST-AI/TripoSG", "main"
+TRIPOSG_FILES = (
+    "model_index.json", "transformer/config.json", "transformer/diffusion_pytorch_model.safetensors",
+    "vae/config.json", "vae/diffusion_pytorch_model.safetensors", "image_encoder_dinov2/config.json",
+    "image_encoder_dinov2/model.safetensors", "feature_extractor_dinov2/preprocessor_config.json",
+    "scheduler/scheduler_config.json")
+APPROX_BYTES.update({(TRIPOSG_REPO, "transformer/diffusion_pytorch_model.safetensors"): 2_879_000_000,
+                     (TRIPOSG_REPO, "vae/diffusion_pytorch_model.safetensors"): 485_000_000,
+                     (TRIPOSG_REPO, "image_encoder_dinov2/model.safetensors"): 1_217_000_000})
+
+
+def _load_triposg(folder, device):
+    from . import triposg
+
+    return triposg.load(folder, device)
+
+
 MODELS = {
     spec.id: spec
     for spec in (
@@ -171,6 +194,10 @@ MODELS = {
              RemoteFile("stabilityai/TripoSR", TRIPOSR_REVISION, "model.ckpt", 1_677_246_742,
                         "429e2c6b22a0923967459de24d67f05962b235f79cde6b032aa7ed2ffcd970ee")),
             "MIT", 256, 25.0, _load_triposr, default_source_size=512),
+        ModelSpec("triposg", "TripoSG", TRIPOSG_REPO,
+                  tuple(RemoteFile(TRIPOSG_REPO, TRIPOSG_REVISION, path) for path in TRIPOSG_FILES), "MIT", 512, None,
+                  _load_triposg, preprocessing="triposg", patch_size=14, sampled=True,
+                  resolutions=(128, 256, 512, 1024)),
         *_openlrm_specs(),
         *_instantmesh_specs(),
     )

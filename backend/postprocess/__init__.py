@@ -15,10 +15,26 @@ from ..mesh import Mesh
 DEFAULT_TEXTURE_FACES = 50_000  # a texture without a face budget: light enough for a game engine
 
 
+GREY = 0.5  # sRGB: the colour of an object whose model makes none
+
+
+def colour_or_grey(colour_field, model_id: str, notes: list):
+    """The model's colour field, or, for a model that makes no colour (``colour_field`` None: TripoSG), one that
+    paints every point neutral grey (never black), with a note saying so."""
+    if colour_field is not None:
+        return colour_field
+    from ..models import registry
+
+    notes.append(f"{registry.get(model_id).display_name} makes no colour: painted grey; "
+                 "paint it in Blender or bake colours from another model")
+    return lambda points, on_fraction=None: np.full((len(np.asarray(points).reshape(-1, 3)), 3), GREY, np.float32)
+
+
 def run(mesh: Mesh, colour_field, options, stages) -> Mesh:
     """--faces / --quads / --texture on an extracted mesh. ``stats`` gains ``faces_reached`` and ``notes``: what
     was done in place of what was asked, in words for the summary and the panel."""
     notes: list[str] = []
+    colour_field = colour_or_grey(colour_field, options.model, notes)
     target = None if options.faces is None else int(options.faces)
     if options.texture and target is None:
         target = DEFAULT_TEXTURE_FACES
@@ -69,9 +85,11 @@ def texture_for(vertices, faces, colour_field, size: int, stages):
     return faces, uvs, _bake(vertices, tris, tri_uvs, size, colour_field, stages), split
 
 
-def bake_polygons(vertices, corner_verts, loop_totals, uvs, colour_field, size: int, stages):
+def bake_polygons(vertices, corner_verts, loop_totals, uvs, colour_field, size: int, stages, model: str = ""):
     """Bake from Model on any polygon mesh: -> (uvs (L, 2) per loop, texture, stats). Without ``uvs`` an
-    atlas is made."""
+    atlas is made. ``model``: the model's id (named in the note when it makes no colour)."""
+    notes: list[str] = []
+    colour_field = colour_or_grey(colour_field, model, notes)
     from ..mesh_input import check_polygons
     from .atlas import fan, unwrap
 
@@ -80,6 +98,8 @@ def bake_polygons(vertices, corner_verts, loop_totals, uvs, colour_field, size: 
     loop_totals = np.asarray(loop_totals, np.int64).reshape(-1)
     check_polygons(vertices, corner_verts, loop_totals, None if uvs is None else np.asarray(uvs).reshape(-1, 2))
     stats = {"polygons": int(len(loop_totals)), "uvs": "given" if uvs is not None else "made"}
+    if notes:
+        stats["notes"] = notes
     if uvs is None:
         stages.begin(Stage.UNWRAP, f"UV atlas for {len(loop_totals):,} polygons")
         uvs, stats["polygons_apart"], broken, _ = unwrap(vertices, corner_verts, loop_totals, size, stages.check)

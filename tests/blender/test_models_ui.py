@@ -39,7 +39,7 @@ def test_the_model_list_is_the_registrys(fresh):
     items = fresh.bl_rna.properties["model"].enum_items
     ids = [i.identifier for i in items]
     assert ids == list(addon_module("backend.models.registry").MODELS)
-    assert ids == ["triposr", *OPENLRM_IDS, "instantmesh-large", "instantmesh-base", "instantnerf-large",
+    assert ids == ["triposr", "triposg", *OPENLRM_IDS, "instantmesh-large", "instantmesh-base", "instantnerf-large",
                    "instantnerf-base"]
     assert items["triposr"].name == "TripoSR" and items["openlrm-mix-base"].name == "OpenLRM Base (mix)"
     assert "CC-BY-NC-4.0" in items["openlrm-obj-large"].description

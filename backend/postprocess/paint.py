@@ -1,0 +1,270 @@
+"""Painting: surface points coloured from the pictures the model saw, the field (or colours spread over the
+surface) where no picture sees them.
+
+Each view is (image, mask, camera) at the image's own resolution. A point takes a view's colour when the view
+sees it: in front of the depth buffer (raster.py) within a tolerance scaled to the mesh, and not within a pixel
+of an occluding edge. Its weight in that view is the product of two ramps, both 0 to 1:
+- the angle between the normal and the ray to the camera (grazing views count little);
+- the distance to the mask's edge (the reconstruction's silhouette never matches the picture's: a point near
+  the border must not take the background).
+Views mix by their weights to the fourth power (the best view dominates: mixing two views that disagree by a
+pixel blurs), and the mix blends with the fallback by the largest weight, so no seam shows where coverage ends.
+Colours are sampled premultiplied by the mask, so a pixel on the border never brings background in.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import numpy as np
+
+DEPTH_TOLERANCE = 0.01  # share of the bounding box's diagonal a point may lie behind the depth buffer
+COS_NONE, COS_FULL = 0.15, 0.5  # normal·view ramp: no weight beyond ~81°, full within 60°
+EDGE_GAP = 1.5  # pixels inside the mask's edge that never paint (bilinear reach plus antialiasing)
+EDGE_RAMP = 0.02  # then the weight ramps to 1 over this share of the image's side ...
+EDGE_RAMP_MIN = 3.0  # ... or this many pixels
+MIX_POWER = 4.0  # views mix by weight**MIX_POWER
+SEEN = 0.5  # a vertex painted at least this much is a source for the spreading
+SMOOTH_PASSES = 8  # averaging passes over the spread colours (softens the nearest-source patches)
+MAX_VIEW_SIDE = 2048  # a larger picture is scaled down first: the cost follows its pixels
+
+
+@dataclass
+class View:
+    image: np.ndarray  # (H, W, 3) float32 sRGB in [0, 1]
+    mask: np.ndarray  # (H, W) float32 in [0, 1]: the object's coverage (alpha)
+    camera: object  # cameras.Camera
+    name: str = "picture"  # for the summary: "picture" or "generated views"
+    trust: float = 1.0  # relative weight among views when several see a point
+    fit: Optional[dict] = None  # how the camera was fitted ({"iou": .., "fitted": "framing" | "camera"})
+
+
+def view_from_rgba(rgba: np.ndarray, camera, name: str = "picture", trust: float = 1.0) -> View:
+    """A uint8 (H, W, 4) picture (or (H, W, 3), all object) as a view; downscaled to MAX_VIEW_SIDE."""
+    rgba = np.asarray(rgba)
+    if rgba.shape[2] == 3:
+        rgba = np.concatenate([rgba, np.full(rgba.shape[:2] + (1,), 255, np.uint8)], axis=2)
+    if max(rgba.shape[:2]) > MAX_VIEW_SIDE:
+        from PIL import Image
+
+        scale = MAX_VIEW_SIDE / max(rgba.shape[:2])
+        size = (max(1, round(rgba.shape[1] * scale)), max(1, round(rgba.shape[0] * scale)))
+        rgba = np.asarray(Image.fromarray(rgba, "RGBA").resize(size, Image.BOX))
+    data = rgba.astype(np.float32) / 255.0
+    return View(data[..., :3], data[..., 3], camera, name, trust)
+
+
+def smoothstep(t):
+    t = np.clip(t, 0.0, 1.0)
+    return t * t * (3.0 - 2.0 * t)
+
+
+class _Seen:
+    """One view against one mesh: its depth buffer (min over 3x3, so a point beside an occluding edge counts
+    as hidden), the mask's distance to its edge, and the premultiplied image."""
+
+    def __init__(self, view: View, vertices, triangles, tolerance: float):
+        from scipy import ndimage
+
+        from .raster import depth_buffer
+
+        h, w = view.mask.shape
+        self.view, self.w, self.h, self.tolerance = view, w, h, tolerance
+        depth = depth_buffer(vertices, triangles, view.camera, w, h)
+        self.depth = ndimage.minimum_filter(depth, size=3, mode="nearest")
+        inside = view.mask > 0.5
+        self.edge = ndimage.distance_transform_edt(inside).astype(np.float32)
+        self.ramp = max(EDGE_RAMP_MIN, EDGE_RAMP * max(h, w))
+        self.premul = np.concatenate([view.image * view.mask[..., None], view.mask[..., None]], axis=2)
+
+    def sample(self, points: np.ndarray, normals: np.ndarray):
+        """-> weights (N,) in [0, 1] and colours (N, 3) of this view at surface points with unit normals."""
+        cam = self.view.camera
+        x, y, z = cam.project(points, self.w, self.h)
+        col, row = np.floor(x).astype(np.int64), np.floor(y).astype(np.int64)
+        on = (z > 0) & (col >= 0) & (col < self.w) & (row >= 0) & (row < self.h)
+        col, row = np.clip(col, 0, self.w - 1), np.clip(row, 0, self.h - 1)
+        visible = on & (z <= self.depth[row, col] + self.tolerance)
+        ray = cam.position - points
+        ray /= np.maximum(np.linalg.norm(ray, axis=1, keepdims=True), 1e-12)
+        angle = smoothstep(((normals * ray).sum(axis=1) - COS_NONE) / (COS_FULL - COS_NONE))
+        edge = smoothstep((self.edge[row, col] - EDGE_GAP) / self.ramp)
+        rgba = _bilinear(self.premul, x, y)
+        colours = rgba[:, :3] / np.maximum(rgba[:, 3:], 1e-6)
+        weights = np.where(visible & (rgba[:, 3] > 1e-3), angle * edge, 0.0)
+        return weights.astype(np.float32), np.clip(colours, 0.0, 1.0).astype(np.float32)
+
+
+def _bilinear(image: np.ndarray, x, y) -> np.ndarray:
+    """image (H, W, C) at pixel coordinates x, y (centres at +0.5), edges clamped."""
+    h, w = image.shape[:2]
+    fx, fy = np.clip(x - 0.5, 0, w - 1), np.clip(y - 0.5, 0, h - 1)
+    x0, y0 = np.minimum(fx.astype(np.int64), w - 2 if w > 1 else 0), np.minimum(fy.astype(np.int64), h - 2 if h > 1 else 0)
+    x1, y1 = np.minimum(x0 + 1, w - 1), np.minimum(y0 + 1, h - 1)
+    tx, ty = (fx - x0)[:, None], (fy - y0)[:, None]
+    top = image[y0, x0] * (1 - tx) + image[y0, x1] * tx
+    bottom = image[y1, x0] * (1 - tx) + image[y1, x1] * tx
+    return top * (1 - ty) + bottom * ty
+
+
+class Painter:
+    """The views prepared against one mesh (vertices (V, 3), faces (M, 3|4) with -1 pads)."""
+
+    def __init__(self, vertices, faces, views: list):
+        self.vertices = np.asarray(vertices, np.float64).reshape(-1, 3)
+        self.triangles = triangles_of(faces)
+        self.views = list(views)
+        diagonal = float(np.linalg.norm(self.vertices.max(axis=0) - self.vertices.min(axis=0))) if len(
+            self.vertices) else 1.0
+        self.seen = [_Seen(v, self.vertices, self.triangles, DEPTH_TOLERANCE * diagonal) for v in self.views]
+        self.names = sorted({v.name for v in self.views})
+
+    def paint(self, points, normals):
+        """-> colours (N, 3), coverage (N,) in [0, 1] (the largest view weight), and per view name the share
+        of the coverage it gave (N, len(names))."""
+        points = np.asarray(points, np.float64)
+        total = np.zeros((len(points), 3), np.float64)
+        norm = np.zeros(len(points), np.float64)
+        alpha = np.zeros(len(points), np.float32)
+        by_name = np.zeros((len(points), len(self.names)), np.float32)
+        for seen in self.seen:
+            w, c = seen.sample(points, normals)
+            mix = seen.view.trust * w.astype(np.float64) ** MIX_POWER
+            total += mix[:, None] * c
+            norm += mix
+            alpha = np.maximum(alpha, w)
+            by_name[:, self.names.index(seen.view.name)] += mix
+        colours = np.where(norm[:, None] > 0, total / np.maximum(norm, 1e-30)[:, None], 0.0)
+        share = by_name / np.maximum(by_name.sum(axis=1, keepdims=True), 1e-30) * alpha[:, None]
+        return colours.astype(np.float32), alpha, share
+
+    def vertex_normals(self) -> np.ndarray:
+        return vertex_normals(self.vertices, self.triangles)
+
+    def paint_vertices(self, fallback: Optional[np.ndarray]):
+        """Colours (V, 3) of the mesh's vertices: painted, blended with ``fallback`` (V, 3) (the field's colours)
+        or, without one, with colours spread from the painted vertices. -> (colours, report)."""
+        colours, alpha, share = self.paint(self.vertices, self.vertex_normals())
+        if fallback is None:
+            fallback = spread(self.vertices, self.triangles, colours, alpha)
+            rest = "spread"
+        else:
+            rest = "field"
+        out = alpha[:, None] * colours + (1.0 - alpha[:, None]) * np.asarray(fallback, np.float32)
+        return out.astype(np.float32), self._report(vertex_areas(self.vertices, self.triangles), share, alpha, rest)
+
+    def _report(self, weights, share, alpha, rest: str) -> dict:
+        total = max(float(weights.sum()), 1e-30)
+        out = {name: round(float((weights * share[:, i]).sum() / total), 4) for i, name in enumerate(self.names)}
+        out[rest] = round(float((weights * (1.0 - alpha)).sum() / total), 4)
+        return out
+
+
+def triangles_of(faces) -> np.ndarray:
+    """Faces (M, K) with -1 pads -> fan triangles (T, 3)."""
+    faces = np.asarray(faces, np.int64)
+    if faces.ndim == 2 and faces.shape[1] == 3:
+        return faces
+    out = []
+    for k in range(1, faces.shape[1] - 1):
+        keep = faces[:, k + 1] >= 0
+        out.append(np.stack([faces[keep, 0], faces[keep, k], faces[keep, k + 1]], axis=1))
+    return np.concatenate(out) if out else np.zeros((0, 3), np.int64)
+
+
+def vertex_normals(vertices, triangles) -> np.ndarray:
+    corners = vertices[triangles]
+    n = np.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0])  # area-weighted
+    out = np.zeros_like(vertices, dtype=np.float64)
+    for k in range(3):
+        np.add.at(out, triangles[:, k], n)
+    return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-20)
+
+
+def vertex_areas(vertices, triangles) -> np.ndarray:
+    corners = vertices[triangles]
+    area = np.linalg.norm(np.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0]), axis=1) / 6
+    out = np.zeros(len(vertices))
+    for k in range(3):
+        np.add.at(out, triangles[:, k], area)
+    return out
+
+
+def spread(vertices, triangles, colours, alpha) -> np.ndarray:
+    """Colours for every vertex from the painted ones (alpha >= SEEN, else any painted at all): each takes its
+    nearest source along the mesh's edges, then a few averaging passes over the unseen vertices soften the
+    patches. A part no painted vertex reaches takes the mean painted colour; nothing painted: mid-grey."""
+    from scipy import sparse
+    from scipy.sparse.csgraph import dijkstra
+
+    n = len(vertices)
+    sources = np.flatnonzero(alpha >= SEEN)
+    if not len(sources):
+        sources = np.flatnonzero(alpha > 0)
+    if not len(sources):
+        return np.full((n, 3), 0.5, np.float32)
+    edges = np.concatenate([triangles[:, [0, 1]], triangles[:, [1, 2]], triangles[:, [2, 0]]])
+    length = np.linalg.norm(vertices[edges[:, 0]] - vertices[edges[:, 1]], axis=1) + 1e-12
+    graph = sparse.coo_matrix((length, (edges[:, 0], edges[:, 1])), shape=(n, n)).tocsr()
+    _, _, nearest = dijkstra(graph, directed=False, indices=sources, min_only=True, return_predecessors=True)
+    mean = (colours[sources] * alpha[sources, None]).sum(axis=0) / alpha[sources].sum()
+    out = np.where((nearest >= 0)[:, None], colours[np.maximum(nearest, 0)], mean).astype(np.float32)
+    free = alpha < SEEN
+    if free.any():
+        sym = (graph + graph.T).tocsr()
+        sym.data[:] = 1.0
+        degree = np.maximum(np.asarray(sym.sum(axis=1)).ravel(), 1.0)
+        for _ in range(SMOOTH_PASSES):
+            out[free] = (sym @ out)[free] / degree[free, None]
+    return out
+
+
+def barycentrics(points, corners) -> np.ndarray:
+    """Barycentric coordinates (N, 3) of points (N, 3) projected onto their triangles (N, 3, 3)."""
+    a, b, c = corners[:, 0], corners[:, 1], corners[:, 2]
+    v0, v1, v2 = b - a, c - a, points - a
+    d00, d01, d11 = (v0 * v0).sum(1), (v0 * v1).sum(1), (v1 * v1).sum(1)
+    d20, d21 = (v2 * v0).sum(1), (v2 * v1).sum(1)
+    den = d00 * d11 - d01 * d01
+    safe = np.where(np.abs(den) > 1e-30, den, 1.0)
+    v = np.where(np.abs(den) > 1e-30, (d11 * d20 - d01 * d21) / safe, 1 / 3)
+    w = np.where(np.abs(den) > 1e-30, (d00 * d21 - d01 * d20) / safe, 1 / 3)
+    return np.stack([1 - v - w, v, w], axis=1)
+
+
+def paint_texture(painter: Painter, triangles, tri_uvs, size: int, field: Optional[Callable] = None,
+                  on_fraction: Optional[Callable[[float], None]] = None, padding: Optional[int] = None):
+    """A ``size``² texture over the UV layout of ``triangles`` (of the painter's mesh), painted from the views,
+    blended with ``field(points)`` (or colours spread over the surface). -> (texture uint8, mask, report)."""
+    from . import bake
+
+    report = on_fraction or (lambda f: None)
+    triangles = np.asarray(triangles, np.int64).reshape(-1, 3)
+    samples = bake.texel_samples(painter.vertices, triangles, tri_uvs, size, on_fraction=lambda f: report(0.3 * f))
+    corners = painter.vertices[triangles[samples.triangle]]
+    positions = samples.positions.astype(np.float64)
+    bary = barycentrics(positions, corners)
+    normals_v = painter.vertex_normals()
+    tri = triangles[samples.triangle]
+    normals = np.einsum("nk,nkd->nd", bary, normals_v[tri])
+    normals /= np.maximum(np.linalg.norm(normals, axis=1, keepdims=True), 1e-20)
+    report(0.4)
+    colours, alpha, share = painter.paint(positions, normals)
+    report(0.7)
+    if field is not None:
+        fallback, rest = np.asarray(field(samples.positions), np.float32).reshape(-1, 3), "field"
+    else:
+        v_colours, v_alpha, _ = painter.paint(painter.vertices, normals_v)
+        spread_v = spread(painter.vertices, painter.triangles, v_colours, v_alpha)
+        fallback, rest = np.einsum("nk,nkd->nd", bary, spread_v[tri]).astype(np.float32), "spread"
+    report(0.9)
+    rgb = alpha[:, None] * colours + (1.0 - alpha[:, None]) * fallback
+    texture = np.zeros((size * size, 3), np.uint8)
+    flat = samples.rows.astype(np.int64) * size + samples.cols
+    texture[flat] = np.rint(np.clip(np.nan_to_num(rgb), 0.0, 1.0) * 255.0).astype(np.uint8)
+    out = painter._report(np.ones(len(alpha)), share, alpha, rest)
+    padding = bake.default_padding(size) if padding is None else int(padding)
+    texture = bake.dilate(texture.reshape(size, size, 3), samples.mask, padding, check=lambda: report(0.95))
+    report(1.0)
+    return texture, samples.mask, out

@@ -54,6 +54,7 @@ class Stage:
     REDUCE = "reducing"  # also the quad remeshing
     UNWRAP = "unwrapping"
     BAKE = "baking_texture"
+    PAINT = "painting"  # colours from the pictures the model saw (--colours images)
     QUEUED = "waiting_in_queue"  # a shared server whose GPUs are all busy: the message says the place
 
-    ALL = (BACKGROUND, LOAD, VIEWS, ENCODE, TRIPLANE, FIELD, SURFACE, COLOR, REDUCE, UNWRAP, BAKE, QUEUED)
+    ALL = (BACKGROUND, LOAD, VIEWS, ENCODE, TRIPLANE, FIELD, SURFACE, COLOR, REDUCE, UNWRAP, BAKE, PAINT, QUEUED)

@@ -19,6 +19,7 @@ STAGE_LABELS = {
     Stage.REDUCE: "Reducing",
     Stage.UNWRAP: "Unwrapping",
     Stage.BAKE: "Baking texture",
+    Stage.PAINT: "Painting from the images",
     Stage.QUEUED: "Waiting for the server",
 }
 

@@ -15,10 +15,11 @@ from ..mesh import Mesh
 DEFAULT_TEXTURE_FACES = 50_000  # a texture without a face budget: light enough for a game engine
 
 
-def run(mesh: Mesh, colour_field, options, stages) -> Mesh:
+def run(mesh: Mesh, colour_field, options, stages, painting=None) -> Mesh:
     """--faces / --quads / --texture on an extracted mesh. ``stats`` gains ``faces_reached`` and ``notes``: what
-    was done in place of what was asked, in words for the summary and the panel."""
-    notes: list[str] = []
+    was done in place of what was asked, in words for the summary and the panel. ``painting``
+    (colours.Painting, ``--colours images``) paints the vertex colours and the texture from the pictures."""
+    notes: list[str] = list(painting.notes) if painting is not None else []
     target = None if options.faces is None else int(options.faces)
     if options.texture and target is None:
         target = DEFAULT_TEXTURE_FACES
@@ -44,10 +45,15 @@ def run(mesh: Mesh, colour_field, options, stages) -> Mesh:
             vertices, faces = reduce(vertices, faces, target, stages.check)
     if vertices is not mesh.vertices:
         stages.update(0.9, "colouring the new vertices from the field")
-        colors = colour_field(vertices)
+        colors = colour_field(vertices) if colour_field is not None else None
+    painting = painting if painting is not None and painting.views else None
+    if painting is not None:
+        # No field (a geometry-only model): its vertex colours are a placeholder, the painting spreads its own.
+        colors = painting.vertices(vertices, faces, colors if colour_field is not None else None, stages)
     uvs = texture = None
     if options.texture:
-        faces, uvs, texture, split = texture_for(vertices, faces, colour_field, int(options.texture), stages)
+        faces, uvs, texture, split = texture_for(vertices, faces, colour_field, int(options.texture), stages,
+                                                 painting)
         if split:
             notes.append(f"{split:,} quads that the UV atlas cut in two were split into triangles")
     out = Mesh(vertices, faces, colors, stats=dict(mesh.stats), uvs=uvs, texture=texture)
@@ -55,10 +61,12 @@ def run(mesh: Mesh, colour_field, options, stages) -> Mesh:
                      texture=int(options.texture) if options.texture else None)
     if target is not None:
         out.stats["face_budget"] = target
+    if painting is not None:
+        out.stats.update(painting.stats)
     return out
 
 
-def texture_for(vertices, faces, colour_field, size: int, stages):
+def texture_for(vertices, faces, colour_field, size: int, stages, painting=None):
     """-> (faces, uvs (M, K, 2) per corner, texture (size, size, 3) uint8, quads split into triangles)."""
     from ..mesh import triangulate
     from .atlas import unwrap_faces
@@ -66,10 +74,10 @@ def texture_for(vertices, faces, colour_field, size: int, stages):
     stages.begin(Stage.UNWRAP, f"UV atlas for {len(faces):,} faces")
     faces, uvs, _, split = unwrap_faces(vertices, faces, size, stages.check)
     tris, tri_uvs = triangulate(faces, uvs)
-    return faces, uvs, _bake(vertices, tris, tri_uvs, size, colour_field, stages), split
+    return faces, uvs, _bake(vertices, tris, tri_uvs, size, colour_field, stages, painting), split
 
 
-def bake_polygons(vertices, corner_verts, loop_totals, uvs, colour_field, size: int, stages):
+def bake_polygons(vertices, corner_verts, loop_totals, uvs, colour_field, size: int, stages, painting=None):
     """Bake from Model on any polygon mesh: -> (uvs (L, 2) per loop, texture, stats). Without ``uvs`` an
     atlas is made."""
     from ..mesh_input import check_polygons
@@ -89,12 +97,18 @@ def bake_polygons(vertices, corner_verts, loop_totals, uvs, colour_field, size: 
                                   "Model again: the texture is baked on your UV map.")
     uvs = np.asarray(uvs, np.float32).reshape(len(corner_verts), 2)
     tri_loops, _ = fan(loop_totals, vertices[corner_verts])  # the triangles the atlas was made on
-    texture = _bake(vertices, corner_verts[tri_loops], uvs[tri_loops], size, colour_field, stages)
+    painting = painting if painting is not None and painting.views else None
+    texture = _bake(vertices, corner_verts[tri_loops], uvs[tri_loops], size, colour_field, stages, painting)
+    if painting is not None:
+        stats.update(painting.stats, notes=painting.notes)
     return uvs, texture, stats
 
 
-def _bake(vertices, tris, tri_uvs, size: int, colour_field, stages) -> np.ndarray:
+def _bake(vertices, tris, tri_uvs, size: int, colour_field, stages, painting=None) -> np.ndarray:
     from . import bake
+
+    if painting is not None:
+        return painting.texture(vertices, tris, tris, tri_uvs, size, colour_field, stages)
 
     stages.begin(Stage.BAKE, f"{size}² texture from the field")
     texture, _ = bake.bake(vertices, tris, tri_uvs, size, colour_field, on_fraction=stages.update)

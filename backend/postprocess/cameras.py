@@ -121,9 +121,13 @@ class Fit:
 
 
 def silhouette(vertices, triangles, camera: Camera, size: int) -> np.ndarray:
+    return silhouette_at(vertices, triangles, camera, size, size)
+
+
+def silhouette_at(vertices, triangles, camera: Camera, width: int, height: int) -> np.ndarray:
     from .raster import depth_buffer
 
-    return np.isfinite(depth_buffer(vertices, triangles, camera, size, size))
+    return np.isfinite(depth_buffer(vertices, triangles, camera, width, height))
 
 
 def _moments(mask: np.ndarray):

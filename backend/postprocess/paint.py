@@ -73,8 +73,8 @@ class _Seen:
         self.view, self.w, self.h, self.tolerance = view, w, h, tolerance
         depth = depth_buffer(vertices, triangles, view.camera, w, h)
         self.depth = ndimage.minimum_filter(depth, size=3, mode="nearest")
-        inside = view.mask > 0.5
-        self.edge = ndimage.distance_transform_edt(inside).astype(np.float32)
+        inside = np.pad(view.mask > 0.5, 1)  # the image's border is an edge too
+        self.edge = ndimage.distance_transform_edt(inside)[1:-1, 1:-1].astype(np.float32)
         self.ramp = max(EDGE_RAMP_MIN, EDGE_RAMP * max(h, w))
         self.premul = np.concatenate([view.image * view.mask[..., None], view.mask[..., None]], axis=2)
 

@@ -134,3 +134,24 @@ def test_a_model_with_no_field_and_no_camera_is_painted_from_a_fitted_camera():
     rest = alpha == 0
     assert rest.sum() > 20 and out.colors[rest].max(axis=1).min() > 0.05  # never black
     assert not np.allclose(out.colors[rest], 0.5, atol=0.05)  # nor a flat grey
+
+
+def test_instantmesh_views_grid_paints_from_the_six_views(tmp_path):
+    """``--views GRID``: the grid's six views paint at Zero123++'s cameras; no picture is there to paint."""
+    from test_instantmesh_cli import GRID, config_env, stage2_folder
+
+    folder, runs = stage2_folder(tmp_path / "model"), {}
+    for colours in ("field", "images"):
+        out = tmp_path / f"{colours}.npz"
+        r = run_backend("generate", "--views", GRID, "-o", out, "--model", "instantmesh-large", "--weights", folder,
+                        "--accept-licence", "--colours", colours, "--json", env=config_env(tmp_path))
+        assert r.returncode == 0, r.stderr
+        runs[colours] = (json.loads(r.stdout), meshio.load_npz(out))
+    summary, mesh = runs["images"]
+    assert [v["view"] for v in summary["views"]] == ["generated views"]
+    assert summary["colour_sources"]["vertices"]["generated views"] > 0
+    changed = np.abs(runs["field"][1].colors - mesh.colors).max(axis=1) > 1e-6
+    hidden = np.ones(len(mesh.vertices), bool)
+    for camera in cm.zero123pp_cameras():
+        hidden &= unseen(mesh.vertices, mesh.faces, camera)
+    assert changed.any() and not (changed & hidden).any()

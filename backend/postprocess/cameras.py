@@ -34,13 +34,18 @@ class Camera:
     centre: tuple = (0.5, 0.5)  # principal point / image side, x then y
 
     def project(self, points: np.ndarray, width: int, height: int):
-        """points (N, 3) -> pixel x, y (N,) and depth (N,) along the view axis (<= 0 behind the camera)."""
-        cam = (np.asarray(points, np.float64) - self.position) @ self.rotation.T
+        """points (N, 3) -> pixel x, y (N,) and depth (N,) along the view axis (<= 0 behind the camera), in the
+        points' precision (float32 points: float32 out, for the millions of texels of a texture)."""
+        points = np.asarray(points)
+        dtype = np.float32 if points.dtype == np.float32 else np.float64
+        rotation = self.rotation.astype(dtype)
+        cam = points.astype(dtype, copy=False) @ rotation.T
+        cam -= (self.position @ self.rotation.T).astype(dtype)
         depth = cam[:, 2]
-        safe = np.where(np.abs(depth) > 1e-12, depth, 1e-12)
+        safe = np.where(np.abs(depth) > 1e-12, depth, dtype(1e-12))
         x = (self.centre[0] + self.focal * cam[:, 0] / safe) * width
         y = (self.centre[1] + self.focal * cam[:, 1] / safe) * height
-        return x, y, depth
+        return x.astype(dtype, copy=False), y.astype(dtype, copy=False), depth
 
     def scaled(self, scale: float, centre) -> "Camera":
         """The same view zoomed by ``scale`` about the principal point, which moves to ``centre``: the image

@@ -28,6 +28,9 @@ MIX_POWER = 4.0  # views mix by weight**MIX_POWER
 SEEN = 0.5  # a vertex painted at least this much is a source for the spreading
 SMOOTH_PASSES = 8  # averaging passes over the spread colours (softens the nearest-source patches)
 MAX_VIEW_SIDE = 2048  # a larger picture is scaled down first: the cost follows its pixels
+# The depth buffer's longest side: visibility needs less detail than colour (the tolerance and the 3x3 minimum
+# cover a coarser pixel), and its cost follows its pixels (1024² takes seconds for 50k faces, 512² a quarter).
+DEPTH_SIDE = 512
 
 
 @dataclass
@@ -71,40 +74,49 @@ class _Seen:
 
         h, w = view.mask.shape
         self.view, self.w, self.h, self.tolerance = view, w, h, tolerance
-        depth = depth_buffer(vertices, triangles, view.camera, w, h)
-        self.depth = ndimage.minimum_filter(depth, size=3, mode="nearest")
+        shrink = min(1.0, DEPTH_SIDE / max(h, w))
+        self.dw, self.dh = max(1, round(w * shrink)), max(1, round(h * shrink))
+        depth = depth_buffer(vertices, triangles, view.camera, self.dw, self.dh)
+        self.depth = ndimage.minimum_filter(depth, size=3, mode="nearest").reshape(-1)
         inside = np.pad(view.mask > 0.5, 1)  # the image's border is an edge too
         self.edge = ndimage.distance_transform_edt(inside)[1:-1, 1:-1].astype(np.float32)
         self.ramp = max(EDGE_RAMP_MIN, EDGE_RAMP * max(h, w))
-        self.premul = np.concatenate([view.image * view.mask[..., None], view.mask[..., None]], axis=2)
+        premul = np.concatenate([view.image * view.mask[..., None], view.mask[..., None]], axis=2)
+        self.premul = np.ascontiguousarray(premul, np.float32).reshape(h * w, 4)
 
     def sample(self, points: np.ndarray, normals: np.ndarray):
-        """-> weights (N,) in [0, 1] and colours (N, 3) of this view at surface points with unit normals."""
+        """-> the indices of the points this view paints, their weights in (0, 1] and their colours (n, 3).
+        Each test narrows the points the next one looks at: most of a surface is hidden from any one view."""
         cam = self.view.camera
         x, y, z = cam.project(points, self.w, self.h)
         col, row = np.floor(x).astype(np.int64), np.floor(y).astype(np.int64)
-        on = (z > 0) & (col >= 0) & (col < self.w) & (row >= 0) & (row < self.h)
-        col, row = np.clip(col, 0, self.w - 1), np.clip(row, 0, self.h - 1)
-        visible = on & (z <= self.depth[row, col] + self.tolerance)
-        ray = cam.position - points
-        ray /= np.maximum(np.linalg.norm(ray, axis=1, keepdims=True), 1e-12)
-        angle = smoothstep(((normals * ray).sum(axis=1) - COS_NONE) / (COS_FULL - COS_NONE))
-        edge = smoothstep((self.edge[row, col] - EDGE_GAP) / self.ramp)
-        rgba = _bilinear(self.premul, x, y)
-        colours = rgba[:, :3] / np.maximum(rgba[:, 3:], 1e-6)
-        weights = np.where(visible & (rgba[:, 3] > 1e-3), angle * edge, 0.0)
-        return weights.astype(np.float32), np.clip(colours, 0.0, 1.0).astype(np.float32)
+        idx = np.flatnonzero((z > 0) & (col >= 0) & (col < self.w) & (row >= 0) & (row < self.h))
+        pixel = row[idx] * self.w + col[idx]
+        coarse = (np.minimum((y[idx] * (self.dh / self.h)).astype(np.int64), self.dh - 1) * self.dw
+                  + np.minimum((x[idx] * (self.dw / self.w)).astype(np.int64), self.dw - 1))
+        keep = (z[idx] <= self.depth[coarse] + self.tolerance) & (self.edge.reshape(-1)[pixel] > EDGE_GAP)
+        idx, pixel = idx[keep], pixel[keep]
+        ray = cam.position.astype(np.float32) - points[idx]
+        cos = (np.asarray(normals[idx], np.float32) * ray).sum(axis=1) / np.maximum(np.linalg.norm(ray, axis=1), 1e-12)
+        keep = cos > COS_NONE
+        idx, pixel, cos = idx[keep], pixel[keep], cos[keep]
+        weights = smoothstep((cos - COS_NONE) / (COS_FULL - COS_NONE))
+        weights *= smoothstep((self.edge.reshape(-1)[pixel] - EDGE_GAP) / self.ramp)
+        rgba = _bilinear(self.premul, self.w, self.h, x[idx], y[idx])
+        keep = (rgba[:, 3] > 1e-3) & (weights > 0)
+        colours = rgba[keep, :3] / rgba[keep, 3:]
+        return idx[keep], weights[keep].astype(np.float32), np.clip(colours, 0.0, 1.0)
 
 
-def _bilinear(image: np.ndarray, x, y) -> np.ndarray:
-    """image (H, W, C) at pixel coordinates x, y (centres at +0.5), edges clamped."""
-    h, w = image.shape[:2]
-    fx, fy = np.clip(x - 0.5, 0, w - 1), np.clip(y - 0.5, 0, h - 1)
-    x0, y0 = np.minimum(fx.astype(np.int64), w - 2 if w > 1 else 0), np.minimum(fy.astype(np.int64), h - 2 if h > 1 else 0)
+def _bilinear(flat: np.ndarray, w: int, h: int, x, y) -> np.ndarray:
+    """An image (H·W, C) at pixel coordinates x, y (centres at +0.5), edges clamped, in float32."""
+    fx = np.clip(np.asarray(x, np.float32) - 0.5, 0, w - 1)
+    fy = np.clip(np.asarray(y, np.float32) - 0.5, 0, h - 1)
+    x0, y0 = np.minimum(fx.astype(np.int64), max(w - 2, 0)), np.minimum(fy.astype(np.int64), max(h - 2, 0))
     x1, y1 = np.minimum(x0 + 1, w - 1), np.minimum(y0 + 1, h - 1)
     tx, ty = (fx - x0)[:, None], (fy - y0)[:, None]
-    top = image[y0, x0] * (1 - tx) + image[y0, x1] * tx
-    bottom = image[y1, x0] * (1 - tx) + image[y1, x1] * tx
+    top = flat[y0 * w + x0] * (1 - tx) + flat[y0 * w + x1] * tx
+    bottom = flat[y1 * w + x0] * (1 - tx) + flat[y1 * w + x1] * tx
     return top * (1 - ty) + bottom * ty
 
 
@@ -123,21 +135,25 @@ class Painter:
     def paint(self, points, normals):
         """-> colours (N, 3), coverage (N,) in [0, 1] (the largest view weight), and per view name the share
         of the coverage it gave (N, len(names))."""
-        points = np.asarray(points, np.float64)
-        total = np.zeros((len(points), 3), np.float64)
-        norm = np.zeros(len(points), np.float64)
+        points = np.asarray(points)
+        points = points if points.dtype == np.float32 else points.astype(np.float64)
+        total = np.zeros((len(points), 3), np.float32)
+        norm = np.zeros(len(points), np.float32)
         alpha = np.zeros(len(points), np.float32)
         by_name = np.zeros((len(points), len(self.names)), np.float32)
         for seen in self.seen:
-            w, c = seen.sample(points, normals)
-            mix = seen.view.trust * w.astype(np.float64) ** MIX_POWER
-            total += mix[:, None] * c
-            norm += mix
-            alpha = np.maximum(alpha, w)
-            by_name[:, self.names.index(seen.view.name)] += mix
-        colours = np.where(norm[:, None] > 0, total / np.maximum(norm, 1e-30)[:, None], 0.0)
-        share = by_name / np.maximum(by_name.sum(axis=1, keepdims=True), 1e-30) * alpha[:, None]
-        return colours.astype(np.float32), alpha, share
+            idx, w, c = seen.sample(points, normals)
+            mix = np.maximum(seen.view.trust * w ** MIX_POWER, 1e-30)  # a weight of 1e-8 still counts
+            total[idx] += mix[:, None] * c
+            norm[idx] += mix
+            alpha[idx] = np.maximum(alpha[idx], w)
+            by_name[idx, self.names.index(seen.view.name)] += mix
+        painted = norm > 0
+        colours = np.zeros((len(points), 3), np.float32)
+        colours[painted] = total[painted] / norm[painted, None]
+        share = by_name
+        share[painted] *= (alpha[painted] / norm[painted])[:, None]
+        return colours, alpha, share
 
     def vertex_normals(self) -> np.ndarray:
         return vertex_normals(self.vertices, self.triangles)
@@ -242,24 +258,24 @@ def paint_texture(painter: Painter, triangles, tri_uvs, size: int, field: Option
     report = on_fraction or (lambda f: None)
     triangles = np.asarray(triangles, np.int64).reshape(-1, 3)
     samples = bake.texel_samples(painter.vertices, triangles, tri_uvs, size, on_fraction=lambda f: report(0.3 * f))
-    corners = painter.vertices[triangles[samples.triangle]]
-    positions = samples.positions.astype(np.float64)
-    bary = barycentrics(positions, corners)
-    normals_v = painter.vertex_normals()
-    tri = triangles[samples.triangle]
-    normals = np.einsum("nk,nkd->nd", bary, normals_v[tri])
-    normals /= np.maximum(np.linalg.norm(normals, axis=1, keepdims=True), 1e-20)
-    report(0.4)
-    colours, alpha, share = painter.paint(positions, normals)
+    corners = painter.vertices[triangles]
+    face_normals = np.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0])
+    face_normals /= np.maximum(np.linalg.norm(face_normals, axis=1, keepdims=True), 1e-20)
+    # The weights are smooth ramps of the angle: a face's own normal serves as well as an interpolated one.
+    colours, alpha, share = painter.paint(samples.positions, face_normals.astype(np.float32)[samples.triangle])
     report(0.7)
     if field is not None:
         fallback, rest = np.asarray(field(samples.positions), np.float32).reshape(-1, 3), "field"
     else:
-        v_colours, v_alpha, _ = painter.paint(painter.vertices, normals_v)
+        v_colours, v_alpha, _ = painter.paint(painter.vertices, painter.vertex_normals())
         spread_v = spread(painter.vertices, painter.triangles, v_colours, v_alpha)
+        tri = triangles[samples.triangle]
+        bary = barycentrics(samples.positions.astype(np.float64), painter.vertices[tri])
         fallback, rest = np.einsum("nk,nkd->nd", bary, spread_v[tri]).astype(np.float32), "spread"
     report(0.9)
-    rgb = alpha[:, None] * colours + (1.0 - alpha[:, None]) * fallback
+    rgb = colours
+    rgb *= alpha[:, None]
+    rgb += (1.0 - alpha[:, None]) * fallback
     texture = np.zeros((size * size, 3), np.uint8)
     flat = samples.rows.astype(np.int64) * size + samples.cols
     texture[flat] = np.rint(np.clip(np.nan_to_num(rgb), 0.0, 1.0) * 255.0).astype(np.uint8)

@@ -109,7 +109,11 @@ def zero123pp_cameras() -> list[Camera]:
 
 # ------------------------------------------------------------------------------------------------ fitting
 
-FIT_SIZE = 128  # side of the silhouettes compared while fitting
+FIT_SIZE = 128  # side of the silhouettes compared while fitting a whole camera (hundreds of renders)
+FRAMING_SIZE = 256  # ... and while fitting the framing of a known camera (one render)
+# The model's own framing is kept unless a fitted one overlaps the mask better by this much: the fit is only as
+# exact as its silhouettes' pixels, the model's camera exact where the reconstruction is.
+FRAMING_GAIN = 0.01
 FIT_FOV = 30.0  # a camera fitted to a model with none: a moderate lens (scale and offset absorb the rest)
 FIT_DISTANCE = 2.5  # ... at this many bounding radii from the mesh's centre
 AZIMUTH_STEP, ELEVATION_STEPS = 20.0, (-30.0, -15.0, 0.0, 15.0, 30.0, 45.0, 60.0)
@@ -123,6 +127,7 @@ class Fit:
     iou: float
     azimuth: Optional[float] = None
     elevation: Optional[float] = None
+    framed: bool = False  # refine_framing: the framing was fitted (not the model's own)
 
 
 def silhouette(vertices, triangles, camera: Camera, size: int) -> np.ndarray:
@@ -187,10 +192,13 @@ def fit_similarity(sil: np.ndarray, base: Camera, mask: np.ndarray):
 
 
 def refine_framing(vertices, triangles, camera: Camera, mask: np.ndarray) -> Fit:
-    """A known view direction whose framing (scale, offset) is not known exactly: fitted to ``mask``."""
-    small = _resize_mask(mask, FIT_SIZE)
-    cam, iou = fit_similarity(silhouette(vertices, triangles, camera, FIT_SIZE), camera, small)
-    return Fit(cam, iou)
+    """A known view direction whose framing (scale, offset) is not known exactly: fitted to ``mask``, kept when
+    it overlaps the mask clearly better than the model's own framing."""
+    small = _resize_mask(mask, FRAMING_SIZE)
+    sil = silhouette(vertices, triangles, camera, FRAMING_SIZE)
+    own = _iou(sil, small)
+    cam, iou = fit_similarity(sil, camera, small)
+    return Fit(cam, iou, framed=True) if iou > own + FRAMING_GAIN else Fit(camera, own)
 
 
 def fit_camera(vertices, triangles, mask: np.ndarray) -> Fit:

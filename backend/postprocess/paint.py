@@ -9,7 +9,8 @@ of an occluding edge. Its weight in that view is the product of two ramps, both 
   the border must not take the background).
 Views mix by their weights to the fourth power (the best view dominates: mixing two views that disagree by a
 pixel blurs), and the mix blends with the fallback by the largest weight, so no seam shows where coverage ends.
-Colours are sampled premultiplied by the mask, so a pixel on the border never brings background in.
+Colours are each pixel's own (premultiplied by the mask where it is partial), never interpolated: the painting
+is as sharp as the picture, and a render from the view's camera gives the picture back.
 """
 
 from __future__ import annotations
@@ -19,14 +20,20 @@ from typing import Callable, Optional
 
 import numpy as np
 
-DEPTH_TOLERANCE = 0.01  # share of the bounding box's diagonal a point may lie behind the depth buffer
-COS_NONE, COS_FULL = 0.15, 0.5  # normal·view ramp: no weight beyond ~81°, full within 60°
-EDGE_GAP = 1.5  # pixels inside the mask's edge that never paint (bilinear reach plus antialiasing)
-EDGE_RAMP = 0.02  # then the weight ramps to 1 over this share of the image's side ...
-EDGE_RAMP_MIN = 3.0  # ... or this many pixels
+DEPTH_TOLERANCE = 0.005  # share of the bounding box's diagonal a point may lie behind the depth buffer ...
+DEPTH_REACH = 2.0  # ... plus the depth its own surface spans over this many depth pixels (the 3x3 minimum's
+# reach and the pixel centre's offset), which grows with the slope: tan(angle to the view) per pixel
+COS_NONE, COS_FULL = 0.05, 0.5  # normal·view ramp of a view's weight among views: none beyond ~87°, full within 60°
+COS_COVERED = 0.25  # ... and of its coverage against the fallback: full within ~75°, so a view that alone sees
+# a grazing part still paints it (the field, or the spread colours, are blurrier than a grazing picture)
+ALPHA_SOLID = 0.99  # a pixel paints only where the mask holds it whole: a partial one holds background too
+EDGE_GAP = 0.5  # pixels inside the mask's edge (alpha > 0.5) that never paint ...
+EDGE_RAMP = 0.005  # ... then the weight ramps to 1 over this share of the image's side ...
+EDGE_RAMP_MIN = 0.5  # ... or at least this many pixels
 MIX_POWER = 4.0  # views mix by weight**MIX_POWER
 SEEN = 0.5  # a vertex painted at least this much is a source for the spreading
 SMOOTH_PASSES = 8  # averaging passes over the spread colours (softens the nearest-source patches)
+CONTINUE_SHARE = 64  # without a field, painted texels continue over size / CONTINUE_SHARE texels around them
 MAX_VIEW_SIDE = 2048  # a larger picture is scaled down first: the cost follows its pixels
 # The depth buffer's longest side: visibility needs less detail than colour (the tolerance and the 3x3 minimum
 # cover a coarser pixel), and its cost follows its pixels (1024² takes seconds for 50k faces, 512² a quarter).
@@ -78,6 +85,7 @@ class _Seen:
         self.dw, self.dh = max(1, round(w * shrink)), max(1, round(h * shrink))
         depth = depth_buffer(vertices, triangles, view.camera, self.dw, self.dh)
         self.depth = ndimage.minimum_filter(depth, size=3, mode="nearest").reshape(-1)
+        self.solid = (view.mask >= ALPHA_SOLID).reshape(-1)
         inside = np.pad(view.mask > 0.5, 1)  # the image's border is an edge too
         self.edge = ndimage.distance_transform_edt(inside)[1:-1, 1:-1].astype(np.float32)
         self.ramp = max(EDGE_RAMP_MIN, EDGE_RAMP * max(h, w))
@@ -85,39 +93,36 @@ class _Seen:
         self.premul = np.ascontiguousarray(premul, np.float32).reshape(h * w, 4)
 
     def sample(self, points: np.ndarray, normals: np.ndarray):
-        """-> the indices of the points this view paints, their weights in (0, 1] and their colours (n, 3).
+        """-> the indices of the points this view paints, their weights among views and their coverage (both in
+        [0, 1]), and their colours (n, 3).
         Each test narrows the points the next one looks at: most of a surface is hidden from any one view."""
         cam = self.view.camera
         x, y, z = cam.project(points, self.w, self.h)
         col, row = np.floor(x).astype(np.int64), np.floor(y).astype(np.int64)
         idx = np.flatnonzero((z > 0) & (col >= 0) & (col < self.w) & (row >= 0) & (row < self.h))
         pixel = row[idx] * self.w + col[idx]
-        coarse = (np.minimum((y[idx] * (self.dh / self.h)).astype(np.int64), self.dh - 1) * self.dw
-                  + np.minimum((x[idx] * (self.dw / self.w)).astype(np.int64), self.dw - 1))
-        keep = (z[idx] <= self.depth[coarse] + self.tolerance) & (self.edge.reshape(-1)[pixel] > EDGE_GAP)
+        keep = (self.edge.reshape(-1)[pixel] > EDGE_GAP) & self.solid[pixel]
         idx, pixel = idx[keep], pixel[keep]
         ray = cam.position.astype(np.float32) - points[idx]
         cos = (np.asarray(normals[idx], np.float32) * ray).sum(axis=1) / np.maximum(np.linalg.norm(ray, axis=1), 1e-12)
         keep = cos > COS_NONE
         idx, pixel, cos = idx[keep], pixel[keep], cos[keep]
-        weights = smoothstep((cos - COS_NONE) / (COS_FULL - COS_NONE))
-        weights *= smoothstep((self.edge.reshape(-1)[pixel] - EDGE_GAP) / self.ramp)
-        rgba = _bilinear(self.premul, self.w, self.h, x[idx], y[idx])
-        keep = (rgba[:, 3] > 1e-3) & (weights > 0)
+        coarse = (np.minimum((y[idx] * (self.dh / self.h)).astype(np.int64), self.dh - 1) * self.dw
+                  + np.minimum((x[idx] * (self.dw / self.w)).astype(np.int64), self.dw - 1))
+        footprint = z[idx] / (cam.focal * self.dw)  # a depth pixel's side on the surface, facing the view
+        slope = np.sqrt(np.maximum(1.0 - cos * cos, 0.0)) / cos
+        keep = z[idx] <= self.depth[coarse] + self.tolerance + DEPTH_REACH * footprint * slope
+        idx, pixel, cos = idx[keep], pixel[keep], cos[keep]
+        edge = smoothstep((self.edge.reshape(-1)[pixel] - EDGE_GAP) / self.ramp)
+        weights = smoothstep((cos - COS_NONE) / (COS_FULL - COS_NONE)) * edge
+        cover = smoothstep((cos - COS_NONE) / (COS_COVERED - COS_NONE)) * edge
+        # The pixel's own value (no interpolation): a render of the painted surface from this camera averages
+        # each pixel's footprint back to that value, where interpolating twice would blur every edge.
+        rgba = self.premul[pixel]
+        keep = (rgba[:, 3] > 1e-3) & (cover > 0)
         colours = rgba[keep, :3] / rgba[keep, 3:]
-        return idx[keep], weights[keep].astype(np.float32), np.clip(colours, 0.0, 1.0)
-
-
-def _bilinear(flat: np.ndarray, w: int, h: int, x, y) -> np.ndarray:
-    """An image (H·W, C) at pixel coordinates x, y (centres at +0.5), edges clamped, in float32."""
-    fx = np.clip(np.asarray(x, np.float32) - 0.5, 0, w - 1)
-    fy = np.clip(np.asarray(y, np.float32) - 0.5, 0, h - 1)
-    x0, y0 = np.minimum(fx.astype(np.int64), max(w - 2, 0)), np.minimum(fy.astype(np.int64), max(h - 2, 0))
-    x1, y1 = np.minimum(x0 + 1, w - 1), np.minimum(y0 + 1, h - 1)
-    tx, ty = (fx - x0)[:, None], (fy - y0)[:, None]
-    top = flat[y0 * w + x0] * (1 - tx) + flat[y0 * w + x1] * tx
-    bottom = flat[y1 * w + x0] * (1 - tx) + flat[y1 * w + x1] * tx
-    return top * (1 - ty) + bottom * ty
+        return (idx[keep], weights[keep].astype(np.float32), cover[keep].astype(np.float32),
+                np.clip(colours, 0.0, 1.0))
 
 
 class Painter:
@@ -142,11 +147,11 @@ class Painter:
         alpha = np.zeros(len(points), np.float32)
         by_name = np.zeros((len(points), len(self.names)), np.float32)
         for seen in self.seen:
-            idx, w, c = seen.sample(points, normals)
+            idx, w, cover, c = seen.sample(points, normals)
             mix = np.maximum(seen.view.trust * w ** MIX_POWER, 1e-30)  # a weight of 1e-8 still counts
             total[idx] += mix[:, None] * c
             norm[idx] += mix
-            alpha[idx] = np.maximum(alpha[idx], w)
+            alpha[idx] = np.maximum(alpha[idx], cover)
             by_name[idx, self.names.index(seen.view.name)] += mix
         painted = norm > 0
         colours = np.zeros((len(points), 3), np.float32)
@@ -249,6 +254,23 @@ def barycentrics(points, corners) -> np.ndarray:
     return np.stack([1 - v - w, v, w], axis=1)
 
 
+def _continue_painted(fallback, samples, colours, alpha, size: int) -> None:
+    """Near the painted texels, the fallback continues their colours (rings of neighbour averages in the
+    texture, as the gutter is filled): where a view's weight fades at a silhouette or a grazing angle, the blend
+    then meets the picture's own colours, not the coarser spread over the mesh's vertices."""
+    from .bake import _grow_rings
+
+    seen = alpha >= SEEN
+    if not seen.any():
+        return
+    padded = np.zeros((size + 2, size + 2, 3), np.float32)
+    padded[samples.rows[seen] + 1, samples.cols[seen] + 1] = colours[seen]
+    mask = np.zeros((size, size), bool)
+    mask[samples.rows[seen], samples.cols[seen]] = True
+    filled = _grow_rings(padded, mask, max(4, size // CONTINUE_SHARE))[samples.rows, samples.cols]
+    fallback[filled] = padded[samples.rows[filled] + 1, samples.cols[filled] + 1]
+
+
 def paint_texture(painter: Painter, triangles, tri_uvs, size: int, field: Optional[Callable] = None,
                   on_fraction: Optional[Callable[[float], None]] = None, padding: Optional[int] = None):
     """A ``size``² texture over the UV layout of ``triangles`` (of the painter's mesh), painted from the views,
@@ -272,6 +294,7 @@ def paint_texture(painter: Painter, triangles, tri_uvs, size: int, field: Option
         tri = triangles[samples.triangle]
         bary = barycentrics(samples.positions.astype(np.float64), painter.vertices[tri])
         fallback, rest = np.einsum("nk,nkd->nd", bary, spread_v[tri]).astype(np.float32), "spread"
+        _continue_painted(fallback, samples, colours, alpha, size)
     report(0.9)
     rgb = colours
     rgb *= alpha[:, None]

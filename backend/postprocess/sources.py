@@ -42,7 +42,8 @@ def views_for(kind: Optional[str], picture: Optional[np.ndarray], grid: Optional
             how = {"view": PICTURE, "camera": "model", "iou": None}
         else:
             fit = cameras.refine_framing(vertices, triangles, cameras.reference_camera(kind), mask)
-            how = {"view": PICTURE, "camera": "model, framing fitted", "iou": round(fit.iou, 4)}
+            how = {"view": PICTURE, "camera": "model, framing fitted" if fit.framed else "model",
+                   "iou": round(fit.iou, 4)}
         check()
         if whole and kind is None:
             notes.append("the picture has no mask (alpha or background removal): its camera cannot be fitted, "

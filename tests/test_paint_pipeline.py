@@ -155,3 +155,38 @@ def test_instantmesh_views_grid_paints_from_the_six_views(tmp_path):
     for camera in cm.zero123pp_cameras():
         hidden &= unseen(mesh.vertices, mesh.faces, camera)
     assert changed.any() and not (changed & hidden).any()
+
+
+def test_cancel_during_painting_stops_and_returns_nothing(tmp_path):
+    from backend.errors import Cancelled
+    from backend.pipeline import generate
+
+    seen = []
+
+    def progress(stage, fraction, message):
+        seen.append(stage)
+
+    def cancelled():
+        return seen.count(protocol.Stage.PAINT) >= 3  # well into the painting
+
+    options = Options(weights=str(TINY), resolution=48, device="cpu", texture=512, colours="images")
+    with pytest.raises(Cancelled):
+        generate(IMAGE, options, progress, cancelled)
+    assert seen[-1] == protocol.Stage.PAINT
+
+
+def test_an_unreadable_picture_to_paint_from_is_named(tmp_path):
+    """Bake from Model on a cached field reads the picture again to paint from: a damaged file is a clear
+    bad_input naming it, not a crash."""
+    pytest.importorskip("xatlas")
+    from backend.field import FieldCache
+    from backend.pipeline import bake, generate
+
+    cache = FieldCache(tmp_path / "fields")
+    base = Options(weights=str(TINY), resolution=48, device="cpu")
+    mesh = generate(IMAGE, base, field_cache=cache)
+    broken = tmp_path / "picture.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n" + b"not really a png" * 10)
+    options = Options(**{**base.__dict__, "texture": 512, "colours": "images", "field_id": mesh.stats["field_id"]})
+    with pytest.raises(InputError, match="picture.png"):
+        bake(broken, options, mesh.vertices, mesh.faces.reshape(-1), np.full(len(mesh.faces), 3), field_cache=cache)

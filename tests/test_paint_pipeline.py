@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from support import TINY, run_backend
+from support import DATA, TINY, run_backend
 
 from backend import client as wire
 from backend import mesh as meshio
@@ -190,3 +190,18 @@ def test_an_unreadable_picture_to_paint_from_is_named(tmp_path):
     options = Options(**{**base.__dict__, "texture": 512, "colours": "images", "field_id": mesh.stats["field_id"]})
     with pytest.raises(InputError, match="picture.png"):
         bake(broken, options, mesh.vertices, mesh.faces.reshape(-1), np.full(len(mesh.faces), 3), field_cache=cache)
+
+
+def test_openlrm_paints_from_its_source_camera(tmp_path):
+    """OpenLRM through the CLI: the picture (its recentred crop) paints at the source camera."""
+    folder = DATA / "openlrm_tiny"
+    with np.load(folder / "expected.npz") as e:
+        thres = float(e["mesh_thres"])
+    out = tmp_path / "out.npz"
+    r = run_backend("generate", folder / "input.png", "-o", out, "--model", "openlrm-obj-small", "--weights",
+                    folder, "--source-size", 224, "--resolution", 48, "--threshold", repr(thres),
+                    "--no-remove-background", "--accept-licence", "--colours", "images", "--json",
+                    env={"IMAGE_TO_3D_CONFIG_DIR": str(tmp_path / "config")})
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    assert summary["views"][0]["view"] == "picture" and "vertices" in summary["colour_sources"]

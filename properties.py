@@ -120,6 +120,25 @@ def output_options(settings) -> dict:
     }
 
 
+COLOURS_ITEMS = [
+    ("images", "From Images", "Paint the colours from the pictures the model saw (sharp as the picture); the "
+                              "model's colours where no picture sees the surface"),
+    ("field", "From Model", "Every colour from the model's own colour field (softer)"),
+]
+
+
+def views_summary(stats: dict) -> str:
+    """How the pictures were placed for painting, in words for the panel ('' when none was painted)."""
+    parts = []
+    for view in stats.get("views") or ():
+        iou = view.get("iou")
+        fit = f", overlap {iou:.0%}" if isinstance(iou, (int, float)) else ""
+        how = {"fitted": "camera fitted", "model, framing fitted": "framing fitted"}.get(view.get("camera"),
+                                                                                       "model's camera")
+        parts.append(f"{view.get('view', 'picture')}: {how}{fit}")
+    return "; ".join(parts)
+
+
 class BatchImage(bpy.types.PropertyGroup):
     filepath: StringProperty(name="File", subtype="FILE_PATH")
 
@@ -191,6 +210,9 @@ class ImageTo3DSettings(bpy.types.PropertyGroup):
                           description="Unwrap the mesh and bake a colour texture from the model's field (without a "
                                       "face budget the mesh is first reduced to about 50,000 faces, which an atlas "
                                       "can take); also the size Bake from Model uses")
+    colours: EnumProperty(name="Colours", items=COLOURS_ITEMS, default="images",
+                          description="Where the colours come from (stored on the object: Bake from Model and "
+                                      "Retopologize use it again)")
     smooth_shading: BoolProperty(name="Smooth Shading", default=True)
     target_height: FloatProperty(name="Height", description="Scale the result to this height (0: model units)",
                                  default=0.0, min=0.0, soft_max=10.0, unit="LENGTH")

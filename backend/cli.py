@@ -81,6 +81,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="bake a SIZE x SIZE colour texture from the model (512..4096) on a UV atlas; without "
                         "--faces the mesh is first reduced to 50,000 faces. GLB and OBJ carry it (OBJ: .mtl and "
                         ".png beside it), .npz holds it, PLY stays vertex-coloured")
+    o.add_argument("--colours", choices=("field", "images"), default="field",
+                   help="field: every colour from the model's field (default); images: painted from the pictures "
+                        "the model saw (the input, InstantMesh's six views), the field where none sees the surface")
     g.add_argument("--no-remove-background", dest="remove_background", action="store_false",
                    help="do not run background removal (an opaque image is used as given)")
     g.add_argument("--u2net", metavar="FILE", help="background-removal model file (default ~/.u2net/u2net.onnx)")
@@ -256,7 +259,8 @@ def _options(args):
                    foreground_ratio=args.foreground_ratio, remove_background=args.remove_background,
                    device=args.device, precision=args.precision, u2net_path=args.u2net,
                    source_size=args.source_size, views=args.views, save_views=args.save_views, steps=args.steps, guidance=args.guidance, seed=args.seed,
-                   faces=args.faces, quads=args.quads, texture=args.texture, dense=args.dense)
+                   faces=args.faces, quads=args.quads, texture=args.texture, dense=args.dense,
+                   colours=args.colours)
 
 
 def _is_batch(args) -> bool:

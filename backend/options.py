@@ -24,6 +24,7 @@ SHAPE_DEFAULTS = {"steps": 50, "guidance": 7.0, "seed": 42}  # TripoSG's scripts
 VIEWS_SIZE = (640, 960)  # width, height of the six-view grid
 MIN_FACES, MAX_FACES = 100, 10_000_000
 MIN_TEXTURE, MAX_TEXTURE = 512, 4096
+COLOURS = ("field", "images")  # where colours come from: the model's field, or the pictures it saw (painting)
 # The object's share of the frame after preprocessing, per recipe (the references' defaults).
 FOREGROUND_RATIO = {"triposr": 0.85, "openlrm": 0.8, "instantmesh": 0.85, "triposg": 1 / 1.2}
 DEFAULT_BAKE_SIZE = 1024  # Bake from Model when neither the request nor the object names a texture size
@@ -55,6 +56,9 @@ class Options:
     quads: bool = False  # quad-dominant retopology at the face budget (needs faces)
     texture: Optional[int] = None  # bake a SIZE² texture from the field (reduces to a default budget first)
     field_id: Optional[str] = None  # reuse this generation's cached field (Retopologize, Bake from Model)
+    # "field": every colour from the model's field; "images": painted from the pictures the model saw, the
+    # field (or colours spread over the surface) where none sees the surface (backend/postprocess/paint.py).
+    colours: str = "field"
     # Surface extraction: False = coarse to fine (full resolution only near the surface, the same mesh);
     # True = evaluate the density at every grid point (slower; for comparison, and as a fallback).
     dense: bool = False
@@ -92,6 +96,8 @@ class Options:
             raise InputError("a texture needs the UV atlas package xatlas, which is not installed here",
                              hint="Install it with a C++ compiler at hand: pip install xatlas==0.0.11; "
                                   "or leave the texture out (vertex colours).")
+        if self.colours not in COLOURS:
+            raise InputError(f"unknown colours {self.colours!r}; use {' or '.join(COLOURS)}")
         if self.field_id is not None and not FIELD_ID.match(str(self.field_id)):
             raise InputError(f"not a field id: {self.field_id!r}")
         if self.save_views is not None:

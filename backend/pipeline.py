@@ -47,10 +47,13 @@ def bake(image_path, options: Options, vertices, corner_verts, loop_totals, uvs=
         options = replace(options, texture=DEFAULT_BAKE_SIZE)
     stages = _begin(image_path, options, progress, cancelled)
     try:
+        sources = {} if options.colours == "images" else None
         spec, model, planes, used, options = _field(_source(image_path), options, stages, model_cache,
-                                                    field_cache)
+                                                    field_cache, sources)
+        painting = _painting(model, sources, _source(image_path), spec, options, stages, vertices, corner_verts,
+                             loop_totals)
         uvs, texture, stats = bake_polygons(vertices, corner_verts, loop_totals, uvs, model.colour_field(planes),
-                                            int(options.texture), stages, options.model)
+                                            int(options.texture), stages, painting, options.model)
         stats.update(used, **_finish_stats(spec, options, stages))
         return uvs, texture, stats
     except Exception as e:
@@ -87,17 +90,20 @@ def _as_out_of_memory(e: Exception, stages: "Stages") -> Exception:
 def _generate(image_path: Optional[Path], options: Options, stages: Stages, model_cache, field_cache):
     from . import postprocess
 
-    spec, model, planes, used, options = _field(image_path, options, stages, model_cache, field_cache)
+    sources = {} if options.colours == "images" else None
+    spec, model, planes, used, options = _field(image_path, options, stages, model_cache, field_cache, sources)
     mesh = model.mesh_from(planes, options, stages)
     mesh.stats.update(used)
-    mesh = postprocess.run(mesh, model.colour_field(planes), options, stages)
+    painting = _painting(model, sources, image_path, spec, options, stages, mesh.vertices, mesh.faces)
+    mesh = postprocess.run(mesh, model.colour_field(planes), options, stages, painting)
     mesh.stats.update(_finish_stats(spec, options, stages))
     return mesh
 
 
-def _field(image_path: Optional[Path], options: Options, stages: Stages, model_cache, field_cache):
+def _field(image_path: Optional[Path], options: Options, stages: Stages, model_cache, field_cache, sources=None):
     """The object's triplanes: from the field cache (``options.field_id``), else from the image (or the views).
-    Returns (spec, model, planes, what was used, the options with the model's defaults filled in)."""
+    Returns (spec, model, planes, what was used, the options with the model's defaults filled in). ``sources``
+    (a dict, for painting) receives the framed picture ("picture") and the six-view grid ("grid") when made."""
     from . import devices, licences
     from .models import registry
 
@@ -128,7 +134,8 @@ def _field(image_path: Optional[Path], options: Options, stages: Stages, model_c
         model = registry.load(spec, options.weights, device, cache=model_cache, views_only=True)
         planes, used = model.planes_from_views(Path(options.views), options, stages)
     else:
-        model, planes, used, options = _field_from_image(image_path, spec, options, device, stages, model_cache)
+        model, planes, used, options = _field_from_image(image_path, spec, options, device, stages, model_cache,
+                                                         sources)
     if field_cache is not None:
         field_id = options.field_id or field_cache.new_id()
         field_cache.save(field_id, planes, key, used)
@@ -136,7 +143,7 @@ def _field(image_path: Optional[Path], options: Options, stages: Stages, model_c
     return spec, model, planes, used, options
 
 
-def _field_from_image(image_path: Path, spec, options: Options, device, stages: Stages, model_cache):
+def _field_from_image(image_path: Path, spec, options: Options, device, stages: Stages, model_cache, sources=None):
     from PIL import Image
 
     from . import preprocess
@@ -151,6 +158,7 @@ def _field_from_image(image_path: Path, spec, options: Options, device, stages: 
         remove_background=options.remove_background,
         foreground_ratio=options.foreground_ratio,
         u2net_path=options.u2net_path,
+        keep=sources,
     )
 
     stages.begin(Stage.LOAD, f"loading {spec.display_name}")
@@ -166,9 +174,39 @@ def _field_from_image(image_path: Path, spec, options: Options, device, stages: 
     grid = model.generate_views(conditioning, options, stages)
     if options.save_views:
         save_views(grid, Path(options.save_views))
+    if sources is not None:
+        sources["grid"] = grid
     planes, used = model.planes_from_views(grid, options, stages)
     used.update(steps=options.steps, guidance=options.guidance, seed=options.seed)
     return model, planes, used, options
+
+
+def _painting(model, sources: Optional[dict], image, spec, options: Options, stages: Stages, vertices, faces,
+              loop_totals=None):
+    """``--colours images``: the views the model saw, placed against this mesh (faces, or corner vertices and
+    polygon sizes). The picture is prepared again when the field came from the cache; a cached multi-view
+    field has its grid only from ``--views``."""
+    if sources is None:
+        return None
+    import numpy as np
+
+    from . import preprocess
+    from .postprocess.colours import painting_for
+
+    if "picture" not in sources and image is not None and options.views is None:
+        stages.begin(Stage.BACKGROUND, "reading the image to paint from")
+        loaded = image if not isinstance(image, (str, Path)) else preprocess.load_image(Path(image))
+        preprocess.prepare(loaded, recipe=spec.preprocessing, remove_background=options.remove_background,
+                           foreground_ratio=options.foreground_ratio, u2net_path=options.u2net_path, keep=sources)
+    if "grid" not in sources and options.views is not None:
+        sources["grid"] = np.asarray(preprocess.load_image(Path(options.views)).convert("RGB"))
+    if loop_totals is not None:
+        from .postprocess.atlas import fan
+
+        tri_loops, _ = fan(np.asarray(loop_totals, np.int64).reshape(-1))
+        faces = np.asarray(faces, np.int64).reshape(-1)[tri_loops]
+    vertices = np.asarray(vertices, np.float32).reshape(-1, 3)
+    return painting_for(model, sources.get("picture"), sources.get("grid"), vertices, faces, stages)
 
 
 def save_views(grid, path: Path) -> None:

@@ -428,7 +428,8 @@ RECIPES = ("triposr", "openlrm", "instantmesh", "triposg")
 
 
 def prepare(image: Image.Image, *, recipe: str = "triposr", remove_background: bool = True,
-            foreground_ratio: Optional[float] = None, u2net_path: Optional[str] = None) -> np.ndarray:
+            foreground_ratio: Optional[float] = None, u2net_path: Optional[str] = None,
+            keep: Optional[dict] = None) -> np.ndarray:
     """Turn a loaded image into the model's conditioning image (uint8), by the model's ``recipe``.
 
     * Real alpha (RGBA, some alpha < 255): used as the mask as is; rembg is not run (TripoSR's rule, kept for
@@ -445,6 +446,8 @@ def prepare(image: Image.Image, *, recipe: str = "triposr", remove_background: b
       ``openlrm``: returned as is (RGB or opaque RGBA) for OpenLRM's own runner path, which composites on
       white and resizes to the source size (a non-square image is stretched, as the reference does).
       ``instantmesh``: returned as is, as the reference's ``--no_rembg`` does.
+    * ``keep`` (a dict) receives the framed picture before compositing, with its alpha, as ``keep["picture"]``
+      (the painting's view of it, postprocess/sources.py).
     """
     if recipe not in RECIPES:
         raise ValueError(f"unknown preprocessing recipe {recipe!r}")
@@ -453,20 +456,28 @@ def prepare(image: Image.Image, *, recipe: str = "triposr", remove_background: b
     real_alpha = has_real_alpha(image)
     if not real_alpha and not remove_background:
         if recipe == "triposg":
-            return pad_to_square(np.asarray(image.convert("RGB")), 255)
+            return _kept(keep, pad_to_square(np.asarray(image.convert("RGB")), 255))
         if recipe in ("openlrm", "instantmesh"):
-            return np.asarray(image)
-        return pad_to_square(np.asarray(image.convert("RGB")))
+            return _kept(keep, np.asarray(image))
+        return _kept(keep, pad_to_square(np.asarray(image.convert("RGB"))))
     if recipe == "openlrm":
         rgba = resize_longest_side(np.asarray(image.convert("RGBA")), 2 * RECENTER_SIZE)
         if not real_alpha:
             rgba = np.asarray(_remove_background(Image.fromarray(rgba[..., :3]), u2net_path))
-        return recenter(rgba, RECENTER_SIZE, ratio)
+        return _kept(keep, recenter(rgba, RECENTER_SIZE, ratio))
     rgba = image if real_alpha else _remove_background(image, u2net_path)
-    if recipe == "triposg":
-        return frame_on_white(np.asarray(rgba.convert("RGBA")), ratio)
-    framed = resize_foreground(np.asarray(rgba.convert("RGBA")), ratio)
+    rgba = np.asarray(rgba.convert("RGBA"))
+    if recipe == "triposg":  # painted through a fitted camera: the usual framing is picture enough
+        _kept(keep, resize_foreground(rgba, ratio))
+        return frame_on_white(rgba, ratio)
+    framed = _kept(keep, resize_foreground(rgba, ratio))
     return framed if recipe == "instantmesh" else composite_on_gray(framed)
+
+
+def _kept(keep: Optional[dict], picture: np.ndarray) -> np.ndarray:
+    if keep is not None:
+        keep["picture"] = picture
+    return picture
 
 
 # ------------------------------------------------------------------------- OpenLRM's demo framing

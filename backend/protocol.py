@@ -55,6 +55,8 @@ class Stage:
     REDUCE = "reducing"  # also the quad remeshing
     UNWRAP = "unwrapping"
     BAKE = "baking_texture"
+    PAINT = "painting"  # colours from the pictures the model saw (--colours images)
     QUEUED = "waiting_in_queue"  # a shared server whose GPUs are all busy: the message says the place
 
-    ALL = (BACKGROUND, LOAD, VIEWS, SHAPE, ENCODE, TRIPLANE, FIELD, SURFACE, COLOR, REDUCE, UNWRAP, BAKE, QUEUED)
+    ALL = (BACKGROUND, LOAD, VIEWS, SHAPE, ENCODE, TRIPLANE, FIELD, SURFACE, COLOR, REDUCE, UNWRAP, BAKE, PAINT,
+           QUEUED)

@@ -44,7 +44,7 @@ def job_options(settings, prefs) -> dict:
         options.update(steps=int(settings.steps), guidance=round(float(settings.guidance), 4), seed=int(settings.seed))
     else:
         options["source_size"] = int(settings.source_size) or None
-    options.update(properties.output_options(settings))
+    options.update(properties.output_options(settings), colours=settings.colours)
     return options
 
 
@@ -63,6 +63,8 @@ def stored_job_options(stored: dict, context) -> dict:
     options["precision"] = settings.precision  # like the device: this machine's choice now
     if stored.get("field_id"):
         options["field_id"] = str(stored["field_id"])
+    # The object's own choice; made before colours could be painted: the model's, as they were then.
+    options["colours"] = str(stored.get("colours", "field"))
     return options
 
 

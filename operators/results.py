@@ -11,7 +11,7 @@ import time
 
 import bpy
 
-from .. import import_mesh
+from .. import import_mesh, properties
 from ..backend.client import png
 
 READABLE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
@@ -95,6 +95,8 @@ def result_settings(settings: dict, job, place, image=None) -> dict:
         stored["texture"] = int(image.size[0])
     if job.stats.get("field_id"):
         stored["field_id"] = str(job.stats["field_id"])
+    if job.stats.get("views"):
+        stored["colour_views"] = properties.views_summary(job.stats)
     scale, offset = place
     stored["placement_scale"] = float(scale)
     stored["placement_offset"] = [float(x) for x in offset]

@@ -20,6 +20,7 @@ STAGE_LABELS = {
     Stage.REDUCE: "Reducing",
     Stage.UNWRAP: "Unwrapping",
     Stage.BAKE: "Baking texture",
+    Stage.PAINT: "Painting from the images",
     Stage.QUEUED: "Waiting for the server",
 }
 
@@ -137,6 +138,7 @@ def draw_output(layout, settings):
     row.enabled = settings.faces > 0
     row.prop(settings, "quads")
     col.prop(settings, "texture")
+    col.prop(settings, "colours")
     problem = properties.faces_problem(settings)
     if problem:
         box = layout.box()
@@ -156,6 +158,8 @@ def draw_generated_object(layout, settings, context):
     col.operator("image_to_3d.bake_from_model", icon="TEXTURE",
                  text=f"Bake from Model ({bake.bake_size(settings, stored)} px)")
     col.operator("image_to_3d.retopologize", icon="MOD_REMESH")
+    if stored.get("colour_views"):
+        wrapped(box, f"Painted from {stored['colour_views']}", icon="IMAGE_DATA")
 
 
 def runs_on_cpu(settings, context) -> bool:

@@ -25,16 +25,19 @@ def colour_or_grey(colour_field, model_id: str, notes: list):
         return colour_field
     from ..models import registry
 
-    notes.append(f"{registry.get(model_id).display_name} makes no colour: painted grey; "
-                 "paint it in Blender or bake colours from another model")
+    notes.append(f"{registry.get(model_id).display_name} makes no colour: painted grey "
+                 "(Colours: From Images, --colours images, paints it from the picture)")
     return lambda points, on_fraction=None: np.full((len(np.asarray(points).reshape(-1, 3)), 3), GREY, np.float32)
 
 
-def run(mesh: Mesh, colour_field, options, stages) -> Mesh:
+def run(mesh: Mesh, colour_field, options, stages, painting=None) -> Mesh:
     """--faces / --quads / --texture on an extracted mesh. ``stats`` gains ``faces_reached`` and ``notes``: what
-    was done in place of what was asked, in words for the summary and the panel."""
-    notes: list[str] = []
-    colour_field = colour_or_grey(colour_field, options.model, notes)
+    was done in place of what was asked, in words for the summary and the panel. ``painting``
+    (colours.Painting, ``--colours images``) paints the vertex colours and the texture from the pictures."""
+    notes: list[str] = list(painting.notes) if painting is not None else []
+    painting = painting if painting is not None and painting.views else None
+    if painting is None:
+        colour_field = colour_or_grey(colour_field, options.model, notes)
     target = None if options.faces is None else int(options.faces)
     if options.texture and target is None:
         target = DEFAULT_TEXTURE_FACES
@@ -60,10 +63,14 @@ def run(mesh: Mesh, colour_field, options, stages) -> Mesh:
             vertices, faces = reduce(vertices, faces, target, stages.check)
     if vertices is not mesh.vertices:
         stages.update(0.9, "colouring the new vertices from the field")
-        colors = colour_field(vertices)
+        colors = colour_field(vertices) if colour_field is not None else None
+    if painting is not None:
+        # No field (a geometry-only model): its vertex colours are a placeholder, the painting spreads its own.
+        colors = painting.vertices(vertices, faces, colors if colour_field is not None else None, stages)
     uvs = texture = None
     if options.texture:
-        faces, uvs, texture, split = texture_for(vertices, faces, colour_field, int(options.texture), stages)
+        faces, uvs, texture, split = texture_for(vertices, faces, colour_field, int(options.texture), stages,
+                                                 painting)
         if split:
             notes.append(f"{split:,} quads that the UV atlas cut in two were split into triangles")
     out = Mesh(vertices, faces, colors, stats=dict(mesh.stats), uvs=uvs, texture=texture)
@@ -71,10 +78,12 @@ def run(mesh: Mesh, colour_field, options, stages) -> Mesh:
                      texture=int(options.texture) if options.texture else None)
     if target is not None:
         out.stats["face_budget"] = target
+    if painting is not None:
+        out.stats.update(painting.stats)
     return out
 
 
-def texture_for(vertices, faces, colour_field, size: int, stages):
+def texture_for(vertices, faces, colour_field, size: int, stages, painting=None):
     """-> (faces, uvs (M, K, 2) per corner, texture (size, size, 3) uint8, quads split into triangles)."""
     from ..mesh import triangulate
     from .atlas import unwrap_faces
@@ -82,14 +91,17 @@ def texture_for(vertices, faces, colour_field, size: int, stages):
     stages.begin(Stage.UNWRAP, f"UV atlas for {len(faces):,} faces")
     faces, uvs, _, split = unwrap_faces(vertices, faces, size, stages.check)
     tris, tri_uvs = triangulate(faces, uvs)
-    return faces, uvs, _bake(vertices, tris, tri_uvs, size, colour_field, stages), split
+    return faces, uvs, _bake(vertices, tris, tri_uvs, size, colour_field, stages, painting), split
 
 
-def bake_polygons(vertices, corner_verts, loop_totals, uvs, colour_field, size: int, stages, model: str = ""):
+def bake_polygons(vertices, corner_verts, loop_totals, uvs, colour_field, size: int, stages, painting=None,
+                  model: str = ""):
     """Bake from Model on any polygon mesh: -> (uvs (L, 2) per loop, texture, stats). Without ``uvs`` an
     atlas is made. ``model``: the model's id (named in the note when it makes no colour)."""
-    notes: list[str] = []
-    colour_field = colour_or_grey(colour_field, model, notes)
+    notes: list[str] = list(painting.notes) if painting is not None else []
+    painting = painting if painting is not None and painting.views else None
+    if painting is None:
+        colour_field = colour_or_grey(colour_field, model, notes)
     from ..mesh_input import check_polygons
     from .atlas import fan, unwrap
 
@@ -109,12 +121,17 @@ def bake_polygons(vertices, corner_verts, loop_totals, uvs, colour_field, size: 
                                   "Model again: the texture is baked on your UV map.")
     uvs = np.asarray(uvs, np.float32).reshape(len(corner_verts), 2)
     tri_loops, _ = fan(loop_totals, vertices[corner_verts])  # the triangles the atlas was made on
-    texture = _bake(vertices, corner_verts[tri_loops], uvs[tri_loops], size, colour_field, stages)
+    texture = _bake(vertices, corner_verts[tri_loops], uvs[tri_loops], size, colour_field, stages, painting)
+    if painting is not None:
+        stats.update(painting.stats)
     return uvs, texture, stats
 
 
-def _bake(vertices, tris, tri_uvs, size: int, colour_field, stages) -> np.ndarray:
+def _bake(vertices, tris, tri_uvs, size: int, colour_field, stages, painting=None) -> np.ndarray:
     from . import bake
+
+    if painting is not None:
+        return painting.texture(vertices, tris, tris, tri_uvs, size, colour_field, stages)
 
     stages.begin(Stage.BAKE, f"{size}² texture from the field")
     texture, _ = bake.bake(vertices, tris, tri_uvs, size, colour_field, on_fraction=stages.update)

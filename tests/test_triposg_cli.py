@@ -57,6 +57,27 @@ def test_reduction_and_texture_are_grey_too(tmp_path):
     assert stats["faces_reached"] <= 500 and any(n.startswith(NOTE) for n in stats["notes"])
 
 
+def test_colours_from_images_paint_it_through_a_fitted_camera(tmp_path):
+    """--colours images: the picture's camera is fitted to the mesh's silhouette (TripoSG has none of its own) and
+    the picture paints what it sees; the rest takes colours spread from it: no grey note, no flat grey."""
+    rgba = np.zeros((96, 80, 4), np.uint8)  # an object with its own alpha: the mask the camera is fitted to
+    yy, xx = np.mgrid[:96, :80]
+    rgba[..., 0], rgba[..., 1], rgba[..., 2] = 40 + 2 * xx, 200 - 2 * yy, 90
+    rgba[..., 3] = 255 * (((yy - 48) / 40.0) ** 2 + ((xx - 40) / 30.0) ** 2 < 1)
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "object.png")
+    r = run_backend("generate", tmp_path / "object.png", "-o", tmp_path / "m.npz", *FAST, "--colours", "images",
+                    "--json")
+    assert r.returncode == 0, r.stderr
+    stats = json.loads(r.stdout)
+    assert not any(n.startswith(NOTE) for n in stats["notes"])
+    picture = stats["views"][0]
+    assert picture["camera"] == "fitted" and 0 < picture["iou"] <= 1
+    assert set(stats["colour_sources"]["vertices"]) <= {"picture", "spread"}
+    assert stats["colour_sources"]["vertices"].get("picture", 0) > 0
+    with np.load(tmp_path / "m.npz") as m:
+        assert not np.allclose(m["colors"], postprocess.GREY, atol=0.02) and m["colors"].max(axis=1).min() > 0
+
+
 def test_bake_from_model_paints_grey_with_the_note():
     from backend.progress import Stages
 

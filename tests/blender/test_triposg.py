@@ -1,6 +1,8 @@
 """TripoSG in Blender: steps, guidance and seed in the panel with the CPU warning (as InstantMesh's), no source
 size or threshold; Generate 3D through the real worker with the tiny TripoSG folder imports a grey mesh (it makes
-no colour) with the note, the settings stored, one undo step; Retopologize and Bake from Model work on it."""
+no colour) with the note under Colours: From Model, and painted from the picture (a camera fitted to its
+silhouette) under From Images, the default; the settings stored, one undo step; Retopologize and Bake from Model
+work on it."""
 
 import time
 
@@ -57,8 +59,28 @@ def wait(timer, job, timeout=300):
     return seen
 
 
+def vertex_srgb(obj):
+    rgba = np.empty(len(obj.data.vertices) * 4, np.float32)
+    obj.data.color_attributes["Color"].data.foreach_get("color", rgba)
+    return addon_module("backend.colour").linear_to_srgb(rgba.reshape(-1, 4)[:, :3])
+
+
+def test_from_images_paints_it_from_the_picture(settings):
+    assert settings.colours == "images"  # the default
+    settings.steps, settings.seed, settings.resolution = STEPS, SEED, 128
+    assert bpy.ops.image_to_3d.generate() == {"FINISHED"}, settings.last_error
+    obj = bpy.context.active_object
+    assert obj["image_to_3d"]["colours"] == "images"
+    assert "painted grey" not in settings.last_notes
+    stats = session().current_job().stats
+    assert stats["views"][0]["camera"] == "fitted" and stats["views"][0]["iou"] > 0.2
+    srgb = vertex_srgb(obj)
+    assert not np.allclose(srgb, 0.5, atol=0.02) and srgb.max(axis=1).min() > 0
+
+
 def test_generate_imports_a_grey_mesh_then_retopologize_and_bake(settings):
     settings.steps, settings.seed, settings.resolution = STEPS, SEED, 128
+    settings.colours = "field"  # From Model: TripoSG has none
     bpy.ops.ed.undo_push(message="before")
     assert bpy.ops.image_to_3d.generate(run_async=True) == {"FINISHED"}
     (timer,) = addon_module("operators.jobs").TIMERS.values()
@@ -69,10 +91,7 @@ def test_generate_imports_a_grey_mesh_then_retopologize_and_bake(settings):
 
     obj = bpy.context.active_object
     assert obj is not None and "image_to_3d" in obj and len(obj.data.polygons) > 1000
-    rgba = np.empty(len(obj.data.vertices) * 4, np.float32)
-    obj.data.color_attributes["Color"].data.foreach_get("color", rgba)
-    srgb = addon_module("backend.colour").linear_to_srgb(rgba.reshape(-1, 4)[:, :3])
-    assert np.allclose(srgb, 0.5, atol=0.01), "neutral grey, never black"
+    assert np.allclose(vertex_srgb(obj), 0.5, atol=0.01), "neutral grey, never black"
     stored = obj["image_to_3d"].to_dict()
     assert (stored["model"], stored["steps"], stored["seed"], stored["guidance"]) == (MODEL, STEPS, SEED, 7.0)
     name = obj.name

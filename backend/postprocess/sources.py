@@ -34,7 +34,7 @@ def views_for(kind: Optional[str], picture: Optional[np.ndarray], grid: Optional
         mask = view.mask > 0.5
         whole = bool(mask.all())  # no alpha: the framing cannot be checked
         if kind is None:
-            fit = cameras.fit_camera(vertices, triangles, mask)
+            fit = cameras.fit_camera(vertices, triangles, mask, check)
             how = {"view": PICTURE, "camera": "fitted", "iou": round(fit.iou, 4),
                    "azimuth": round(fit.azimuth, 2), "elevation": round(fit.elevation, 2)}
         elif whole:

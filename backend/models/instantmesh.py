@@ -250,7 +250,7 @@ class SparseViewLRM(nn.Module):
             feats = self.encode(views, input_cameras(), stages.check)
             stages.begin(Stage.TRIPLANE, "building triplanes")
             planes = self.triplanes(feats, stages.check)
-        return planes.float(), {"views": GRID_ROWS * GRID_COLS, "precision": devices.precision_name(dtype)}
+        return planes.float(), {"generated_views": GRID_ROWS * GRID_COLS, "precision": devices.precision_name(dtype)}
 
     def reconstruct_views(self, grid, options, stages) -> Mesh:
         planes, used = self.planes_from_views(grid, options, stages)

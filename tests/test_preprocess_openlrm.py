@@ -94,7 +94,8 @@ def test_foreground_ratio_sets_the_object_size():
 def test_default_foreground_ratio_per_recipe():
     from backend.options import FOREGROUND_RATIO
 
-    assert FOREGROUND_RATIO == {"triposr": 0.85, "openlrm": 0.8, "instantmesh": 0.85}  # instantmesh.md §1.2
+    # instantmesh.md §1.2; TripoSG's image_process.py pads a tenth of the object's long side on each side
+    assert FOREGROUND_RATIO == {"triposr": 0.85, "openlrm": 0.8, "instantmesh": 0.85, "triposg": 1 / 1.2}
     with pytest.raises(ValueError, match="unknown preprocessing recipe"):
         pp.prepare(Image.new("RGB", (8, 8)), recipe="nope")
 

@@ -333,6 +333,10 @@ class Ingress:
                         if not done:
                             if not started:
                                 now = self.waiting.index(ticket) + 1
+                                # First in line with no job running: a replica is only slow to answer (a busy
+                                # machine), not busy; the keepalive below still speaks when the wait is long.
+                                if now == 1 and not self.running and time.monotonic() - waited_since <= KEEPALIVE_S:
+                                    continue
                                 if now != position or time.monotonic() - waited_since > KEEPALIVE_S:
                                     position, waited_since = now, time.monotonic()
                                     yield _line(queued(job["id"], position))

@@ -28,11 +28,12 @@ def group_alive(pgid) -> bool:
 
 
 def cli_mesh(tmp_path, resolution=64):
+    """The CLI's mesh with Blender's defaults (Colours: From Images)."""
     out = tmp_path / "cli.npz"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"PYTHONPATH": str(ROOT)}
     r = subprocess.run([str(BACKEND_PYTHON), "-m", "backend", "generate", str(INPUT_IMAGE), "-o", str(out),
                         "--weights", str(TINY_MODEL), "--resolution", str(resolution), "--no-remove-background",
-                        "--foreground-ratio", "0.85", "--device", "cpu", "--json"],
+                        "--foreground-ratio", "0.85", "--device", "cpu", "--colours", "images", "--json"],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     with np.load(out) as data:

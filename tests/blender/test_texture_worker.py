@@ -162,7 +162,8 @@ def test_retopologize_reuses_the_field_and_one_undo_restores(settings):
 
 
 def test_cancel_while_baking_the_texture_leaves_nothing(settings):
-    settings.faces, settings.texture = 2000, "2048"
+    # The field's bake (From Model); a cancel while painting is tests/test_paint_pipeline.py's.
+    settings.faces, settings.texture, settings.colours = 2000, "2048", "field"
     assert bpy.ops.image_to_3d.generate(run_async=True) == {"FINISHED"}
     (timer,) = jobs_module().TIMERS.values()
     job = session().current_job()

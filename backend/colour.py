@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+GREY = 0.5  # sRGB: the colour of an object whose model makes none (never black)
+
 
 def srgb_to_linear(srgb: np.ndarray) -> np.ndarray:
     """sRGB display values in [0, 1] -> linear values."""

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .. import devices, surface
+from ..colour import GREY
 from ..errors import InputError, WeightsError, first_line
 from ..mesh import Mesh
 from ..options import SHAPE_DEFAULTS
@@ -35,7 +36,6 @@ STEPS, GUIDANCE, SEED = SHAPE_DEFAULTS["steps"], SHAPE_DEFAULTS["guidance"], SHA
 NUM_TOKENS = 2048  # latent tokens, the reference pipeline's default
 BOX = 1.005  # the reference's bounds: the grid spans [-BOX, BOX]³
 RESOLUTIONS = (128, 256, 512, 1024)  # grid points per axis (the reference's octree depths 7..10)
-GREY = 0.5
 CONFIGS = {"model_index": "model_index.json", "transformer": "transformer/config.json", "vae": "vae/config.json",
            "image_encoder": "image_encoder_dinov2/config.json",
            "feature_extractor": "feature_extractor_dinov2/preprocessor_config.json",

@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..colour import GREY
 from ..protocol import Stage
 from ..errors import InputError
 from ..mesh import Mesh
 
 DEFAULT_TEXTURE_FACES = 50_000  # a texture without a face budget: light enough for a game engine
-
-
-GREY = 0.5  # sRGB: the colour of an object whose model makes none
 
 
 def colour_or_grey(colour_field, model_id: str, notes: list):

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from ..errors import InputError, WeightsError
-from ..hub import RemoteFile, cached, default_store, hub_cache, human_size, snapshot_of
+from ..hub import RemoteFile, cached, default_store, hub_cache, human_size, repo_folder, snapshot_of
 from ..options import FOREGROUND_RATIO
 
 
@@ -226,7 +226,7 @@ def store_folder(spec: ModelSpec, store: Optional[Path] = None) -> Path:
 
 def hf_cache_folders(spec: ModelSpec) -> list[Path]:
     """Snapshots of the model's repo in the Hugging Face cache, the pinned revision first."""
-    snapshots = hub_cache() / f"models--{spec.repo.replace('/', '--')}" / "snapshots"
+    snapshots = repo_folder(spec.repo) / "snapshots"
     if not snapshots.is_dir():
         return []
     pinned = spec.files[0].revision

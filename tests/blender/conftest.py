@@ -146,6 +146,22 @@ def tick_until(timer, condition=lambda: False, timeout=120):
 
 
 @pytest.fixture
+def progress(addon, monkeypatch):
+    """Every progress event the session's backend applies, as (stage, message), in order: a test that samples
+    the job between timer ticks can miss one that two events in a single tick overwrote."""
+    transport = addon_module("backend.client.jobs").Transport
+    applied, seen = transport._apply, []
+
+    def recording(self, event):
+        if event.get("event") == "progress":
+            seen.append((event.get("stage", ""), event.get("message", "")))
+        applied(self, event)
+
+    monkeypatch.setattr(transport, "_apply", recording)
+    return seen
+
+
+@pytest.fixture
 def online(addon):
     """Blender's Allow Online Access on for the test, off again after it."""
     bpy.context.preferences.system.use_online_access = True

@@ -57,7 +57,7 @@ def build(config: dict, replicas: int, actor_options: dict):
     ``device`` (``auto``: the replica's GPU; ``cpu`` for replicas given none)."""
     board = Board.bind()
     generator = Generator.options(num_replicas=replicas, ray_actor_options=actor_options).bind(config, board)
-    return Ingress.bind(config, generator, board)
+    return Ingress.bind(config, generator, board, replicas)
 
 
 def keep_grpc_on_loopback() -> None:
@@ -253,11 +253,11 @@ def _line(event: dict) -> bytes:
 class Ingress:
     """The HTTP endpoints. One replica: its list of waiting jobs is the queue's order."""
 
-    def __init__(self, config: dict, generator, board):
+    def __init__(self, config: dict, generator, board, replicas: int = 1):
         keep_grpc_on_loopback()
         from ..models import registry
 
-        self.config, self.generator, self.board = config, generator, board
+        self.config, self.generator, self.board, self.replicas = config, generator, board, replicas
         self.token_digest = bytes.fromhex(config["token_sha256"])
         self.models = [{"id": m, "name": registry.get(m).display_name} for m in config["models"]]
         self.waiting: list = []  # the jobs not yet on a Generator, oldest first
@@ -333,9 +333,10 @@ class Ingress:
                         if not done:
                             if not started:
                                 now = self.waiting.index(ticket) + 1
-                                # First in line with no job running: a replica is only slow to answer (a busy
-                                # machine), not busy; the keepalive below still speaks when the wait is long.
-                                if now == 1 and not self.running and time.monotonic() - waited_since <= KEEPALIVE_S:
+                                # A replica free for it: it is only slow to answer (a busy machine), not busy;
+                                # the keepalive below still speaks when the wait is long.
+                                if not waits_for_a_replica(now, self.running, self.replicas) \
+                                        and time.monotonic() - waited_since <= KEEPALIVE_S:
                                     continue
                                 if now != position or time.monotonic() - waited_since > KEEPALIVE_S:
                                     position, waited_since = now, time.monotonic()
@@ -381,6 +382,12 @@ class Ingress:
                 self.running -= 1
             elif ticket in self.waiting:
                 self.waiting.remove(ticket)
+
+
+def waits_for_a_replica(position: int, running: int, replicas: int) -> bool:
+    """Whether the job at ``position`` in the line (1: first) finds every replica taken: the jobs ahead of it and
+    the running ones fill them."""
+    return position > replicas - running
 
 
 def queued(job_id: str, position: int) -> dict:

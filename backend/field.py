@@ -79,11 +79,13 @@ class FieldCache:
             raise ValueError(f"not a field id: {field_id!r}")
         return self.folder / f"{field_id}.safetensors"
 
-    def save(self, field_id: str, planes, key: str, used: Optional[dict] = None) -> None:
+    def save(self, field_id: str, planes, key: str, used: Optional[dict] = None, grid=None) -> None:
         """Keep ``planes`` under ``field_id``; ``key`` says which model made them (checked on load), ``used``
-        what was used to make them (e.g. the source size), handed back by :meth:`load`."""
+        what was used to make them (e.g. the source size), handed back by :meth:`load`; ``grid``: a multi-view
+        model's generated views (uint8 H, W, 3), kept so that a bake can paint from them again."""
         import json
 
+        import torch
         from safetensors.torch import save_file
 
         path = self.path(field_id)
@@ -91,8 +93,10 @@ class FieldCache:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=self.folder)
         os.close(fd)
         try:
-            save_file({"planes": planes.detach().float().cpu().contiguous()}, tmp,
-                      metadata={"key": key, "used": json.dumps(used or {})})
+            tensors = {"planes": planes.detach().float().cpu().contiguous()}
+            if grid is not None:
+                tensors["grid"] = torch.from_numpy(np.array(grid, dtype=np.uint8))  # a copy: the grid may be read-only
+            save_file(tensors, tmp, metadata={"key": key, "used": json.dumps(used or {})})
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
@@ -100,7 +104,8 @@ class FieldCache:
         self._prune(keep=path)
 
     def load(self, field_id: str, key: str):
-        """(planes, what was used), or None when they are gone, unreadable or were made by another model."""
+        """(planes, what was used, the generated views or None), or None when they are gone, unreadable or were
+        made by another model."""
         import json
 
         from safetensors import safe_open
@@ -112,11 +117,12 @@ class FieldCache:
                 if metadata.get("key") != key:
                     return None
                 planes = f.get_tensor("planes")
+                grid = f.get_tensor("grid").numpy() if "grid" in f.keys() else None
             used = json.loads(metadata.get("used") or "{}")
         except Exception:  # noqa: BLE001 - missing or damaged: the caller recomputes
             return None
         os.utime(path)  # recently used: pruned last
-        return planes, used
+        return planes, used, grid
 
     def _prune(self, keep: Path) -> None:
         files = sorted(self.folder.glob("*.safetensors"), key=lambda p: p.stat().st_mtime, reverse=True)

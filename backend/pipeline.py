@@ -47,11 +47,11 @@ def bake(image_path, options: Options, vertices, corner_verts, loop_totals, uvs=
         options = replace(options, texture=DEFAULT_BAKE_SIZE)
     stages = _begin(image_path, options, progress, cancelled)
     try:
-        sources = {} if options.colours == "images" else None
+        sources = {}
         spec, model, planes, used, options = _field(_source(image_path), options, stages, model_cache,
                                                     field_cache, sources)
-        painting = _painting(model, sources, _source(image_path), spec, options, stages, vertices, corner_verts,
-                             loop_totals)
+        painting = _painting(model, _painted_from(sources, options), _source(image_path), spec, options, stages,
+                             vertices, corner_verts, loop_totals)
         uvs, texture, stats = bake_polygons(vertices, corner_verts, loop_totals, uvs, model.colour_field(planes),
                                             int(options.texture), stages, painting, options.model)
         stats.update(used, **_finish_stats(spec, options, stages))
@@ -90,20 +90,27 @@ def _as_out_of_memory(e: Exception, stages: "Stages") -> Exception:
 def _generate(image_path: Optional[Path], options: Options, stages: Stages, model_cache, field_cache):
     from . import postprocess
 
-    sources = {} if options.colours == "images" else None
+    sources = {}
     spec, model, planes, used, options = _field(image_path, options, stages, model_cache, field_cache, sources)
     mesh = model.mesh_from(planes, options, stages)
     mesh.stats.update(used)
-    painting = _painting(model, sources, image_path, spec, options, stages, mesh.vertices, mesh.faces)
+    painting = _painting(model, _painted_from(sources, options), image_path, spec, options, stages, mesh.vertices,
+                         mesh.faces)
     mesh = postprocess.run(mesh, model.colour_field(planes), options, stages, painting)
     mesh.stats.update(_finish_stats(spec, options, stages))
     return mesh
 
 
+def _painted_from(sources: dict, options: Options) -> Optional[dict]:
+    """What was kept to paint from, under ``--colours images``; None (no painting) under ``field``."""
+    return sources if options.colours == "images" else None
+
+
 def _field(image_path: Optional[Path], options: Options, stages: Stages, model_cache, field_cache, sources=None):
     """The object's triplanes: from the field cache (``options.field_id``), else from the image (or the views).
     Returns (spec, model, planes, what was used, the options with the model's defaults filled in). ``sources``
-    (a dict, for painting) receives the framed picture ("picture") and the six-view grid ("grid") when made."""
+    (a dict, for painting) receives the framed picture ("picture") and the six-view grid ("grid") when made, or
+    the grid kept with the cached field; the cache keeps the grid with the planes, whatever the colours."""
     from . import devices, licences
     from .models import registry
 
@@ -119,7 +126,9 @@ def _field(image_path: Optional[Path], options: Options, stages: Stages, model_c
     if options.field_id and field_cache is not None:
         cached = field_cache.load(options.field_id, key)
         if cached is not None:
-            planes, used = cached
+            planes, used, grid = cached
+            if grid is not None and sources is not None:
+                sources["grid"] = grid
             stages.begin(Stage.LOAD, f"loading {spec.display_name}")
             model = registry.load(spec, options.weights, device, cache=model_cache, views_only=spec.multiview)
             used.update(field_id=options.field_id, field="cached")
@@ -133,12 +142,18 @@ def _field(image_path: Optional[Path], options: Options, stages: Stages, model_c
         stages.begin(Stage.LOAD, f"loading {spec.display_name}")
         model = registry.load(spec, options.weights, device, cache=model_cache, views_only=True)
         planes, used = model.planes_from_views(Path(options.views), options, stages)
+        if sources is not None:  # kept with the field too
+            import numpy as np
+
+            from . import preprocess
+
+            sources["grid"] = np.asarray(preprocess.load_image(Path(options.views)).convert("RGB"))
     else:
         model, planes, used, options = _field_from_image(image_path, spec, options, device, stages, model_cache,
                                                          sources)
     if field_cache is not None:
         field_id = options.field_id or field_cache.new_id()
-        field_cache.save(field_id, planes, key, used)
+        field_cache.save(field_id, planes, key, used, grid=(sources or {}).get("grid"))
         used.update(field_id=field_id, field="recomputed" if options.field_id else "new")
     return spec, model, planes, used, options
 
@@ -184,8 +199,8 @@ def _field_from_image(image_path: Path, spec, options: Options, device, stages: 
 def _painting(model, sources: Optional[dict], image, spec, options: Options, stages: Stages, vertices, faces,
               loop_totals=None):
     """``--colours images``: the views the model saw, placed against this mesh (faces, or corner vertices and
-    polygon sizes). The picture is prepared again when the field came from the cache; a cached multi-view
-    field has its grid only from ``--views``."""
+    polygon sizes). The picture is prepared again when the field came from the cache; a multi-view model's
+    generated views come with its cached field (or from ``--views``)."""
     if sources is None:
         return None
     import numpy as np
@@ -198,8 +213,6 @@ def _painting(model, sources: Optional[dict], image, spec, options: Options, sta
         loaded = image if not isinstance(image, (str, Path)) else preprocess.load_image(Path(image))
         preprocess.prepare(loaded, recipe=spec.preprocessing, remove_background=options.remove_background,
                            foreground_ratio=options.foreground_ratio, u2net_path=options.u2net_path, keep=sources)
-    if "grid" not in sources and options.views is not None:
-        sources["grid"] = np.asarray(preprocess.load_image(Path(options.views)).convert("RGB"))
     if loop_totals is not None:
         from .postprocess.atlas import fan
 

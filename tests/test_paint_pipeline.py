@@ -157,6 +157,31 @@ def test_instantmesh_views_grid_paints_from_the_six_views(tmp_path):
     assert changed.any() and not (changed & hidden).any()
 
 
+def test_a_bake_from_a_cached_instantmesh_field_paints_from_its_six_views_too(tmp_path, monkeypatch):
+    """The cache keeps the generated views with the field, whatever the generation's colours: Bake from Model
+    (From Images) paints from them as the generation would have, not from the picture alone."""
+    pytest.importorskip("xatlas")
+    from test_instantmesh_cli import GRID, stage2_folder
+
+    from backend.field import FieldCache
+    from backend.pipeline import bake, generate
+
+    monkeypatch.setenv("IMAGE_TO_3D_CONFIG_DIR", str(tmp_path / "config"))
+    cache = FieldCache(tmp_path / "fields")
+    base = Options(model="instantmesh-large", weights=str(stage2_folder(tmp_path / "model")), device="cpu",
+                   accept_licence=True)
+    mesh = generate(None, Options(**{**base.__dict__, "views": str(GRID)}), field_cache=cache)  # From Model
+    assert "colour_sources" not in mesh.stats
+    options = Options(**{**base.__dict__, "texture": 512, "colours": "images", "field_id": mesh.stats["field_id"]})
+    args = mesh.vertices, mesh.faces.reshape(-1), np.full(len(mesh.faces), 3)
+    _, texture, stats = bake(None, options, *args, field_cache=cache)
+    assert stats["field"] == "cached"
+    assert [v["view"] for v in stats["views"]] == ["generated views"]
+    assert stats["colour_sources"]["texture"]["generated views"] > 0.01
+    _, plain, _ = bake(None, Options(**{**options.__dict__, "colours": "field"}), *args, field_cache=cache)
+    assert not np.array_equal(texture, plain)
+
+
 def test_cancel_during_painting_stops_and_returns_nothing(tmp_path):
     from backend.errors import Cancelled
     from backend.pipeline import generate

@@ -1,12 +1,13 @@
 """The shared GPU server: `python -m backend cluster-serve` on a real Ray Serve on 127.0.0.1 with the tiny TripoSR
-(one CPU replica, started once for the module), driven by backend.client's RemoteWorker and by raw HTTP.
+and TripoSG (one CPU replica, started once for the module), driven by backend.client's RemoteWorker and by raw HTTP.
 
 The CLI's mesh over HTTP, warm; the token (made and shown once, 0600; 401 without it, nothing run); the CLI's
 messages for a corrupt or oversized image; a cancel mid-job, then the next job on the same replica; two clients
 on one replica, one told its place in the queue; a replica killed mid-job, then the next job on its successor;
 Bake from Model over HTTP; slow clients (headers, body, nothing) dropped within the timeouts while a job runs, a
 flood without the token refused while the token gets through, the token refused before the body; /health telling
-a busy replica; nothing listening beyond 127.0.0.1; no Ray process left afterwards."""
+a busy replica; nothing listening beyond 127.0.0.1; TripoSG, the server's second model, loaded on demand and painted
+from the picture; no Ray process left afterwards."""
 
 import base64
 import http.client
@@ -29,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
-from support import ROOT, TINY, assert_same_mesh, beyond_loopback, listening
+from support import DATA, ROOT, TINY, assert_same_mesh, beyond_loopback, listening
 
 from backend import client as wire
 from backend import protocol
@@ -39,6 +40,7 @@ from backend.protocol import Stage
 QUEUED, SURFACE = Stage.QUEUED, Stage.SURFACE
 
 IMAGE = TINY / "input_rgba.png"
+TRIPOSG = DATA / "triposg_tiny"
 FAST = {"resolution": 64, "remove_background": False}
 SLOW = dict(FAST, resolution=512)  # seconds of surface extraction, in chunks: time to cancel, queue or kill
 GENERATOR = "ray::ServeReplica:image_to_3d:Generator"
@@ -108,8 +110,13 @@ def server():
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_TMPDIR": str(ray_tmp), "IMAGE_TO_3D_CONFIG_DIR": str(config_dir)}
     env.pop(serve_token.ENV, None)
     with open(out, "w") as stdout, open(ray_tmp / "server.err", "w") as stderr:
+        store = ray_tmp / "models"  # --models with several: one sub-folder per model id
+        store.mkdir()
+        (store / "triposr").symlink_to(TINY, target_is_directory=True)
+        (store / "triposg").symlink_to(TRIPOSG / "model", target_is_directory=True)
         process = subprocess.Popen([sys.executable, "-m", "backend", "cluster-serve", "--port", str(port),
-                                    "--weights", str(TINY), "--max-upload-mb", str(MAX_UPLOAD_MB)],
+                                    "--models", "triposr,triposg", "--weights", str(store),
+                                    "--max-upload-mb", str(MAX_UPLOAD_MB)],
                                    cwd=ROOT, env=env, stdout=stdout, stderr=stderr)
     try:
         deadline = time.monotonic() + 300
@@ -241,6 +248,18 @@ def test_health_summary_says_what_the_server_offers():
                                                             [wire.remote.UNAUTHORIZED_HINT])
 
 
+@needs_serve
+def test_a_job_is_told_its_place_only_when_every_replica_is_taken():
+    from backend.server.app import queued, waits_for_a_replica
+
+    assert not waits_for_a_replica(1, running=0, replicas=1)
+    assert waits_for_a_replica(1, running=1, replicas=1)
+    assert not waits_for_a_replica(1, running=1, replicas=2), "another replica is free: not 'next in line'"
+    assert waits_for_a_replica(2, running=1, replicas=2) and not waits_for_a_replica(2, running=0, replicas=2)
+    assert queued("j", 1)["message"] == "The server is busy: next in line"
+    assert queued("j", 3)["message"] == "The server is busy: 2 jobs ahead"
+
+
 def test_the_client_checks_the_url_and_keeps_this_machines_options_here(tmp_path):
     for bad in ("gpu-box:8765", "ftp://gpu-box", "http://", "http://gpu-box:notaport", "http://gpu-box/?x=1"):
         with pytest.raises(ValueError):
@@ -303,7 +322,7 @@ def test_the_token_was_made_on_the_first_start_and_shown_once(server):
 def test_health_shows_models_devices_and_queue_only(server):
     report = wire.health(server.url, server.token)
     assert set(report) == {"service", "protocol", "models", "devices", "queue"}
-    assert report["models"] == [{"id": "triposr", "name": "TripoSR"}]
+    assert report["models"] == [{"id": "triposr", "name": "TripoSR"}, {"id": "triposg", "name": "TripoSG"}]
     (device,) = report["devices"]
     assert device["device"] == "cpu" and device["memory_total_mb"] >= device["memory_free_mb"] > 0
     assert report["queue"] == {"waiting": 0, "running": 0}
@@ -670,6 +689,33 @@ def test_the_wire_is_the_recorded_one(server, tmp_path, monkeypatch):
     requests = wire_exchange.RequestLog()
     requests.http(monkeypatch)
     wire_exchange.check("remote", server.client(tmp_path), tmp_path, requests)
+
+
+@needs_serve
+def test_triposg_over_http_gives_the_cli_shape_painted_from_the_picture(server, tmp_path):
+    """The second model of the server, loaded on its first job (last here: the replica's cache changes): the seed
+    and steps travel in the request, and the picture paints the shape through the fitted camera."""
+    image = IMAGE  # with its alpha: the mask the camera is fitted to
+    options = {"model": "triposg", "resolution": 128, "steps": 2, "seed": 3, "remove_background": False,
+               "colours": "images"}
+    r = subprocess.run([sys.executable, "-m", "backend", "generate", str(image), "-o", "cli.npz", "--model", "triposg",
+                        "--weights", str(TRIPOSG / "model"), "--resolution", "128", "--steps", "2", "--seed", "3",
+                        "--no-remove-background", "--colours", "images", "--device", "cpu"], cwd=tmp_path,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    w = server.client(tmp_path)
+    job = w.submit(str(image), options)
+    events = collect(w)
+    assert job.state == protocol.DONE, job.error
+    with np.load(tmp_path / "cli.npz") as cli, np.load(job.result_path) as ours:
+        assert len(cli["faces"]) > 1000
+        assert_same_mesh(ours["vertices"], ours["faces"], cli["vertices"], cli["faces"])
+        assert cli["colors"].std() > 0.02 and abs(ours["colors"].mean(0) - cli["colors"].mean(0)).max() < 2e-3
+    assert job.stats["model"] == "triposg" and job.stats["model_cache"] == "miss"
+    assert job.stats["views"][0]["camera"] == "fitted"
+    messages = [e["message"] for e in events if e["event"] == "progress" and e["stage"] == Stage.SHAPE]
+    assert messages[-1] == "shape step 2/2", messages
+    job.cleanup()
 
 
 def test_deeply_nested_json_is_a_bad_request_not_a_server_error():

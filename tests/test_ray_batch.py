@@ -1,6 +1,6 @@
 """The batch on a real local Ray cluster (`generate ... -o OUT/ --ray local`, two 1-CPU workers, the tiny model):
 the local batch's names and meshes, nothing listening beyond this machine, a worker killed mid-batch, weights
-no node can read, Ray not installed.
+no node can read, Ray not installed; TripoSG (a sampled model, painted from its pictures) as the local batch makes it.
 Each run starts and ends its own cluster; afterwards no Ray process of it is left."""
 
 import importlib.util
@@ -13,9 +13,10 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pytest
-from support import ROOT, assert_same_mesh, beyond_loopback, listening
+from support import DATA, ROOT, TINY, assert_same_mesh, beyond_loopback, listening
 from test_batch import EXPECTED, GOOD, TINY_ARGS, json_lines, make_inputs
 
 from backend import batch
@@ -23,6 +24,7 @@ from backend import mesh as meshio
 
 # Two workers on this machine's CPUs (2 in CI): `--ray local` takes every CPU Ray finds.
 CPUS_PER_WORKER = max(1, (os.cpu_count() or 2) // 2)
+TRIPOSG = DATA / "triposg_tiny"
 needs_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None,
                                reason="ray is not installed (pip install -r backend/requirements-ray.txt)")
 
@@ -142,6 +144,43 @@ def test_weights_that_no_node_can_read_stop_the_run_saying_where(tmp_path, ray_t
     error, summary = json_lines(out)[-2:]
     assert error["code"] == "weights" and summary["done"] == 0 and summary["exit_status"] == 3
     assert not (tmp_path / "ray").exists() or not any((tmp_path / "ray").iterdir())
+
+
+@needs_ray
+def test_triposg_on_the_cluster_gives_the_local_batchs_shapes_and_colours(tmp_path, ray_tmp):
+    """A sampled model takes the cluster like any other: its seed and steps travel with each image and its noise is
+    drawn on the CPU, so a worker gives the local batch's shape, painted from the picture through the same fitted
+    camera."""
+    from PIL import Image, ImageOps
+
+    (tmp_path / "in").mkdir()  # a picture with its alpha: the mask its camera is fitted to
+    shutil.copy(TINY / "input_rgba.png", tmp_path / "in" / "a.png")
+    ImageOps.mirror(Image.open(TINY / "input_rgba.png")).save(tmp_path / "in" / "b.png")
+    args = ["--format", "npz", "--model", "triposg", "--weights", str(TRIPOSG / "model"), "--resolution", "128",
+            "--steps", "2", "--seed", "3", "--no-remove-background", "--colours", "images", "--json"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_TMPDIR": str(ray_tmp)}
+    runs = {}
+    # the local batch with a worker's thread count: the same float sums, so the same fitted camera (the fit's
+    # optimum is flat on this random shape, IoU ~0.65: other sums can tip it to another pose)
+    local = dict(env, OMP_NUM_THREADS=str(CPUS_PER_WORKER))
+    for name, extra, environ in (("local", [], local),
+                                 ("ray", ["--ray", "local", "--ray-cpus", str(CPUS_PER_WORKER)], env)):
+        r = subprocess.run([sys.executable, "-m", "backend", "generate", "in", "-o", f"{name}/", *args, *extra],
+                           cwd=tmp_path, env=environ, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        runs[name] = json_lines(r.stdout)
+    assert "Ray worker ready on" in r.stderr
+    assert [line["event"] for line in runs["ray"][:-1]] == ["result", "result"]
+    fits = {name: {Path(line["input"]).stem: line["views"][0] for line in lines[:-1]} for name, lines in runs.items()}
+    for image in ("a", "b"):
+        ours = meshio.load_npz(tmp_path / "ray" / f"{image}.npz")
+        theirs = meshio.load_npz(tmp_path / "local" / f"{image}.npz")
+        assert len(theirs.faces) > 1000
+        assert_same_mesh(ours.vertices, ours.faces, theirs.vertices, theirs.faces)
+        fit, reference = fits["ray"][image], fits["local"][image]
+        assert fit == reference and fit["camera"] == "fitted", (fit, reference)
+        assert theirs.colors.std() > 0.02, "painted from the picture, not grey"
+        assert np.abs(np.sort(ours.colors, axis=0) - np.sort(theirs.colors, axis=0)).max() < 1e-4
 
 
 def test_without_ray_the_error_says_what_to_install(tmp_path):

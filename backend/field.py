@@ -95,7 +95,8 @@ class FieldCache:
         try:
             tensors = {"planes": planes.detach().float().cpu().contiguous()}
             if grid is not None:
-                tensors["grid"] = torch.from_numpy(np.array(grid, dtype=np.uint8))  # a copy: the grid may be read-only
+                # a packed copy: the model's grid may be a strided or read-only view
+                tensors["grid"] = torch.from_numpy(np.array(grid, dtype=np.uint8, order="C"))
             save_file(tensors, tmp, metadata={"key": key, "used": json.dumps(used or {})})
             os.replace(tmp, path)
         finally:

@@ -157,6 +157,23 @@ def test_instantmesh_views_grid_paints_from_the_six_views(tmp_path):
     assert changed.any() and not (changed & hidden).any()
 
 
+def test_the_field_cache_keeps_the_views_grid_whatever_its_memory_layout(tmp_path):
+    """The model's grid can be a strided, read-only view: it is kept as it reads, and a field without one has none."""
+    import torch
+
+    from backend.field import FieldCache
+
+    grid = (np.arange(640 * 960 * 3) % 251).astype(np.uint8).reshape(640, 960, 3).transpose(1, 0, 2)
+    grid.flags.writeable = False
+    cache, planes = FieldCache(tmp_path), torch.rand(3, 4, 5)
+    cache.save("a" * 32, planes, "instantmesh-large:", {"steps": 3}, grid=grid)
+    kept_planes, used, kept = cache.load("a" * 32, "instantmesh-large:")
+    assert torch.equal(kept_planes, planes) and used == {"steps": 3} and np.array_equal(kept, grid)
+    cache.save("b" * 32, planes, "triposr:")
+    assert cache.load("b" * 32, "triposr:")[2] is None
+    assert cache.load("a" * 32, "triposr:") is None, "another model's field"
+
+
 def test_a_bake_from_a_cached_instantmesh_field_paints_from_its_six_views_too(tmp_path, monkeypatch):
     """The cache keeps the generated views with the field, whatever the generation's colours: Bake from Model
     (From Images) paints from them as the generation would have, not from the picture alone."""

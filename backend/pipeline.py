@@ -47,11 +47,11 @@ def bake(image_path, options: Options, vertices, corner_verts, loop_totals, uvs=
         options = replace(options, texture=DEFAULT_BAKE_SIZE)
     stages = _begin(image_path, options, progress, cancelled)
     try:
-        sources = {}
+        sources = {} if options.colours == "images" else None
         spec, model, planes, used, options = _field(_source(image_path), options, stages, model_cache,
                                                     field_cache, sources)
-        painting = _painting(model, _painted_from(sources, options), _source(image_path), spec, options, stages,
-                             vertices, corner_verts, loop_totals)
+        painting = _painting(model, sources, _source(image_path), spec, options, stages, vertices, corner_verts,
+                             loop_totals)
         uvs, texture, stats = bake_polygons(vertices, corner_verts, loop_totals, uvs, model.colour_field(planes),
                                             int(options.texture), stages, painting, options.model)
         stats.update(used, **_finish_stats(spec, options, stages))
@@ -90,27 +90,21 @@ def _as_out_of_memory(e: Exception, stages: "Stages") -> Exception:
 def _generate(image_path: Optional[Path], options: Options, stages: Stages, model_cache, field_cache):
     from . import postprocess
 
-    sources = {}
+    sources = {} if options.colours == "images" else None
     spec, model, planes, used, options = _field(image_path, options, stages, model_cache, field_cache, sources)
     mesh = model.mesh_from(planes, options, stages)
     mesh.stats.update(used)
-    painting = _painting(model, _painted_from(sources, options), image_path, spec, options, stages, mesh.vertices,
-                         mesh.faces)
+    painting = _painting(model, sources, image_path, spec, options, stages, mesh.vertices, mesh.faces)
     mesh = postprocess.run(mesh, model.colour_field(planes), options, stages, painting)
     mesh.stats.update(_finish_stats(spec, options, stages))
     return mesh
 
 
-def _painted_from(sources: dict, options: Options) -> Optional[dict]:
-    """What was kept to paint from, under ``--colours images``; None (no painting) under ``field``."""
-    return sources if options.colours == "images" else None
-
-
 def _field(image_path: Optional[Path], options: Options, stages: Stages, model_cache, field_cache, sources=None):
     """The object's triplanes: from the field cache (``options.field_id``), else from the image (or the views).
     Returns (spec, model, planes, what was used, the options with the model's defaults filled in). ``sources``
-    (a dict, for painting) receives the framed picture ("picture") and the six-view grid ("grid") when made, or
-    the grid kept with the cached field; the cache keeps the grid with the planes, whatever the colours."""
+    (a dict, for painting) receives the framed picture ("picture") and a multi-view model's six-view grid
+    ("grid"). The cache keeps the grid with the planes, whatever the colours: a later bake may paint from it."""
     from . import devices, licences
     from .models import registry
 
@@ -127,8 +121,7 @@ def _field(image_path: Optional[Path], options: Options, stages: Stages, model_c
         cached = field_cache.load(options.field_id, key)
         if cached is not None:
             planes, used, grid = cached
-            if grid is not None and sources is not None:
-                sources["grid"] = grid
+            _keep_grid(sources, grid)
             stages.begin(Stage.LOAD, f"loading {spec.display_name}")
             model = registry.load(spec, options.weights, device, cache=model_cache, views_only=spec.multiview)
             used.update(field_id=options.field_id, field="cached")
@@ -141,24 +134,35 @@ def _field(image_path: Optional[Path], options: Options, stages: Stages, model_c
     if views_only:  # stage 2 of a multi-view model alone
         stages.begin(Stage.LOAD, f"loading {spec.display_name}")
         model = registry.load(spec, options.weights, device, cache=model_cache, views_only=True)
-        planes, used = model.planes_from_views(Path(options.views), options, stages)
-        if sources is not None:  # kept with the field too
-            import numpy as np
-
-            from . import preprocess
-
-            sources["grid"] = np.asarray(preprocess.load_image(Path(options.views)).convert("RGB"))
+        grid = _read_views(Path(options.views))
+        planes, used = model.planes_from_views(grid, options, stages)
     else:
-        model, planes, used, options = _field_from_image(image_path, spec, options, device, stages, model_cache,
-                                                         sources)
+        model, planes, used, options, grid = _field_from_image(image_path, spec, options, device, stages,
+                                                               model_cache, sources)
+    _keep_grid(sources, grid)
     if field_cache is not None:
         field_id = options.field_id or field_cache.new_id()
-        field_cache.save(field_id, planes, key, used, grid=(sources or {}).get("grid"))
+        field_cache.save(field_id, planes, key, used, grid=grid)
         used.update(field_id=field_id, field="recomputed" if options.field_id else "new")
     return spec, model, planes, used, options
 
 
+def _keep_grid(sources: Optional[dict], grid) -> None:
+    if sources is not None and grid is not None:
+        sources["grid"] = grid
+
+
+def _read_views(path: Path):
+    """The six-view grid of ``--views``, read once: (960, 640, 3) uint8 (its size is checked by the model)."""
+    import numpy as np
+
+    from . import preprocess
+
+    return np.asarray(preprocess.load_image(path).convert("RGB"))
+
+
 def _field_from_image(image_path: Path, spec, options: Options, device, stages: Stages, model_cache, sources=None):
+    """-> (model, planes, used, options, the generated grid or None). ``sources``: see :func:`_field`."""
     from PIL import Image
 
     from . import preprocess
@@ -180,7 +184,7 @@ def _field_from_image(image_path: Path, spec, options: Options, device, stages: 
     model = registry.load(spec, options.weights, device, cache=model_cache)
     if not spec.multiview:
         planes, used = model.make_planes(conditioning, options, stages)
-        return model, planes, used, options
+        return model, planes, used, options, None
 
     model.load_views_model(options.precision)
     options = replace(options, steps=options.steps or DEFAULT_STEPS, seed=DEFAULT_SEED if options.seed is None
@@ -189,11 +193,9 @@ def _field_from_image(image_path: Path, spec, options: Options, device, stages: 
     grid = model.generate_views(conditioning, options, stages)
     if options.save_views:
         save_views(grid, Path(options.save_views))
-    if sources is not None:
-        sources["grid"] = grid
     planes, used = model.planes_from_views(grid, options, stages)
     used.update(steps=options.steps, guidance=options.guidance, seed=options.seed)
-    return model, planes, used, options
+    return model, planes, used, options, grid
 
 
 def _painting(model, sources: Optional[dict], image, spec, options: Options, stages: Stages, vertices, faces,

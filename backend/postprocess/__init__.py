@@ -28,14 +28,21 @@ def colour_or_grey(colour_field, model_id: str, notes: list):
     return lambda points, on_fraction=None: np.full((len(np.asarray(points).reshape(-1, 3)), 3), GREY, np.float32)
 
 
+def _colour_sources(painting, colour_field, model_id: str):
+    """-> (the painting, None when no view paints; the colour field, grey for a model with none when nothing
+    paints; the notes so far)."""
+    notes: list[str] = list(painting.notes) if painting is not None else []
+    painting = painting if painting is not None and painting.views else None
+    if painting is None:
+        colour_field = colour_or_grey(colour_field, model_id, notes)
+    return painting, colour_field, notes
+
+
 def run(mesh: Mesh, colour_field, options, stages, painting=None) -> Mesh:
     """--faces / --quads / --texture on an extracted mesh. ``stats`` gains ``faces_reached`` and ``notes``: what
     was done in place of what was asked, in words for the summary and the panel. ``painting``
     (colours.Painting, ``--colours images``) paints the vertex colours and the texture from the pictures."""
-    notes: list[str] = list(painting.notes) if painting is not None else []
-    painting = painting if painting is not None and painting.views else None
-    if painting is None:
-        colour_field = colour_or_grey(colour_field, options.model, notes)
+    painting, colour_field, notes = _colour_sources(painting, colour_field, options.model)
     target = None if options.faces is None else int(options.faces)
     if options.texture and target is None:
         target = DEFAULT_TEXTURE_FACES
@@ -96,10 +103,7 @@ def bake_polygons(vertices, corner_verts, loop_totals, uvs, colour_field, size: 
                   model: str = ""):
     """Bake from Model on any polygon mesh: -> (uvs (L, 2) per loop, texture, stats). Without ``uvs`` an
     atlas is made. ``model``: the model's id (named in the note when it makes no colour)."""
-    notes: list[str] = list(painting.notes) if painting is not None else []
-    painting = painting if painting is not None and painting.views else None
-    if painting is None:
-        colour_field = colour_or_grey(colour_field, model, notes)
+    painting, colour_field, notes = _colour_sources(painting, colour_field, model)
     from ..mesh_input import check_polygons
     from .atlas import fan, unwrap
 

@@ -183,15 +183,10 @@ class Painter:
 
 
 def triangles_of(faces) -> np.ndarray:
-    """Faces (M, K) with -1 pads -> fan triangles (T, 3)."""
-    faces = np.asarray(faces, np.int64)
-    if faces.ndim == 2 and faces.shape[1] == 3:
-        return faces
-    out = []
-    for k in range(1, faces.shape[1] - 1):
-        keep = faces[:, k + 1] >= 0
-        out.append(np.stack([faces[keep, 0], faces[keep, k], faces[keep, k + 1]], axis=1))
-    return np.concatenate(out) if out else np.zeros((0, 3), np.int64)
+    """Faces (M, 3), or quads (M, 4) with -1 pads -> triangles (T, 3) int64, split as mesh.triangulate does."""
+    from ..mesh import triangulate
+
+    return triangulate(np.asarray(faces, np.int64))[0]
 
 
 def vertex_normals(vertices, triangles) -> np.ndarray:

@@ -58,31 +58,25 @@ def views_for(kind: Optional[str], picture: Optional[np.ndarray], grid: Optional
             views.append(view)
         about.append(how)
     if grid is not None and kind == "instantmesh":
-        for k, (image, camera) in enumerate(zip(_split_grid(grid), cameras.zero123pp_cameras())):
+        from ..models.instantmesh import views_from_grid
+
+        images = views_from_grid(grid).permute(0, 2, 3, 1).numpy()  # (6, 320, 320, 3) in [0, 1], row-major
+        for k, (image, camera) in enumerate(zip(images, cameras.zero123pp_cameras())):
             mask = _generated_mask(image, vertices, triangles, camera)
-            view = View(image.astype(np.float32) / 255.0, mask.astype(np.float32), camera, GENERATED,
-                        GENERATED_TRUST, {"view": f"{GENERATED} {k + 1}", "camera": "model", "iou": None})
+            view = View(image, mask.astype(np.float32), camera, GENERATED, GENERATED_TRUST,
+                        {"view": f"{GENERATED} {k + 1}", "camera": "model", "iou": None})
             views.append(view)
             check()
         about.append({"view": GENERATED, "camera": "model", "iou": None})
     return views, about, notes
 
 
-def _split_grid(grid: np.ndarray) -> list:
-    from ..models.instantmesh import GRID_COLS, GRID_ROWS, VIEW_SIZE
-
-    grid = np.asarray(grid)
-    return [grid[r * VIEW_SIZE:(r + 1) * VIEW_SIZE, c * VIEW_SIZE:(c + 1) * VIEW_SIZE, :3]
-            for r in range(GRID_ROWS) for c in range(GRID_COLS)]
-
-
-def _generated_mask(image: np.ndarray, vertices, triangles, camera) -> np.ndarray:
-    """A generated view has no alpha: the object is what differs from the colour of the view's border (holes
-    filled), within the mesh's own silhouette from that camera."""
+def _generated_mask(rgb: np.ndarray, vertices, triangles, camera) -> np.ndarray:
+    """A generated view (float (H, W, 3) in [0, 1]) has no alpha: the object is what differs from the colour of
+    the view's border (holes filled), within the mesh's own silhouette from that camera."""
     from scipy import ndimage
 
-    h, w = image.shape[:2]
-    rgb = image.astype(np.float32) / 255.0
+    h, w = rgb.shape[:2]
     border = np.concatenate([rgb[0], rgb[-1], rgb[:, 0], rgb[:, -1]])
     background = np.median(border, axis=0)
     differs = np.abs(rgb - background).max(axis=2) > BACKGROUND_DISTANCE

@@ -37,6 +37,7 @@ def config_path(folder: Path, size: str, variant: str = "mesh") -> Path:
 
 class InstantMeshPipeline:
     conditioning_camera = "instantmesh"  # postprocess/cameras.py: the picture's and the six views' cameras
+
     def __init__(self, folder, device, size: str, variant: str = "mesh"):
         """``variant``: "mesh" (FlexiCubes) or "nerf" (marching cubes on density)."""
         self.folder, self.device = Path(folder), torch.device(device)

@@ -116,6 +116,7 @@ def source_camera(distance: float = SOURCE_CAMERA_DISTANCE) -> torch.Tensor:
 
 class OpenLRM(SingleImageModel, nn.Module):
     conditioning_camera = "openlrm"  # postprocess/cameras.py: the picture's camera, for painting
+
     def __init__(self, cfg: OpenLRMConfig, default_source_size: Optional[int] = None):
         super().__init__()
         self.cfg = cfg

@@ -150,6 +150,7 @@ class _Upsampler(nn.Module):
 
 class TripoSR(SingleImageModel, nn.Module):
     conditioning_camera = "triposr"  # postprocess/cameras.py: the picture's camera, for painting
+
     def __init__(self, cfg: TripoSRConfig):
         super().__init__()
         self.cfg = cfg
